@@ -1,0 +1,100 @@
+"""ClientApp: translates messages to local work and back; holds no algorithm."""
+
+from __future__ import annotations
+
+from logging import INFO
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from atlas_flwr.config import Config
+from atlas_flwr.errors import AtlasError
+from atlas_flwr.local import client_data, run_evaluate, run_train
+from atlas_flwr.records import from_record, to_record
+
+app = ClientApp()
+
+
+def client_identity(context: Context) -> tuple[Config, int]:
+    """The run config and this client's id (``partition-id`` of its node config).
+
+    In simulation the engine sets ``partition-id`` and ``num-partitions``; on the
+    Deployment Engine the SuperNode's ``--node-config`` does. One code path for both.
+    """
+    cfg = Config.from_run_config(context.run_config)
+    node = context.node_config
+    if "partition-id" not in node:
+        raise AtlasError(
+            "node_config lacks 'partition-id': start the SuperNode with --node-config 'partition-id=N ...'"
+        )
+    client_id = int(node["partition-id"])
+    num_partitions = int(node.get("num-partitions", cfg.num_clients))
+    if num_partitions != cfg.num_clients:
+        raise AtlasError(
+            f"num-partitions = {num_partitions} but tasks x clients-per-task = {cfg.num_clients}: "
+            "run with as many SuperNodes as clients"
+        )
+    cfg.task_of(client_id)  # range check
+    return cfg, client_id
+
+
+def _states(message: Message) -> tuple[dict, dict]:
+    content = message.content
+    for name in ("adapter", "head"):
+        if name not in content.array_records:
+            raise AtlasError(f"message {message.metadata.message_type!r} lacks the {name!r} ArrayRecord")
+    return from_record(content.array_records["adapter"]), from_record(content.array_records["head"])
+
+
+@app.query("describe")
+def describe(message: Message, context: Context) -> Message:
+    """Tell the server who this client is: id, task and data sizes (no data)."""
+    cfg, client_id = client_identity(context)
+    data = client_data(cfg, client_id)
+    record = ConfigRecord(
+        {"client-id": client_id, "task": data.task, "num-train": len(data.train), "num-eval": len(data.eval)}
+    )
+    return Message(RecordDict({"client": record}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received adapter and head locally; reply with both and the train loss."""
+    cfg, client_id = client_identity(context)
+    server_round = int(message.content.config_records["config"]["server-round"])
+    adapter, head = _states(message)
+    new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head)
+    log(
+        INFO,
+        "client %d round %d: loss %.4f on %d rows, %d steps, %.1f s",
+        client_id,
+        server_round,
+        result.loss,
+        result.num_examples,
+        result.steps,
+        result.seconds,
+    )
+    metrics = MetricRecord(
+        {
+            "client-id": client_id,
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "train-seconds": result.seconds,
+            "train-steps": result.steps,
+        }
+    )
+    content = RecordDict({"adapter": to_record(new_adapter), "head": to_record(new_head), "metrics": metrics})
+    return Message(content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the received adapter and head on the task's validation rows."""
+    cfg, client_id = client_identity(context)
+    adapter, head = _states(message)
+    metrics = run_evaluate(cfg, client_id, adapter, head)
+    return Message(RecordDict({"metrics": MetricRecord({"client-id": client_id, **metrics})}), reply_to=message)
+
+
+__all__ = ["app"]

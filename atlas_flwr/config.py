@@ -1,0 +1,188 @@
+"""The run configuration: every key of ``[tool.flwr.app.config]``, read and checked once.
+
+``pyproject.toml`` lists the keys and their defaults; this module is the one place that
+reads them. A bad value ends in a :class:`ConfigError`, one line that names the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from atlas_flwr.errors import ConfigError
+
+STRATEGIES = ("fedavg", "local-only")
+PARTITIONERS = ("iid", "dirichlet")
+POOLINGS = ("mean", "cls", "last")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Environment variables that stand in for an empty ``data-dir`` / ``output-dir``.
+DATA_DIR_ENV = "ATLAS_DATA_DIR"
+OUTPUT_DIR_ENV = "ATLAS_OUTPUT_DIR"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: type
+    check: Callable[[Any], bool] = lambda _v: True
+    allowed: str = ""
+
+
+def _choice(*values: str) -> _Rule:
+    return _Rule(str, lambda v: v in values, "one of " + ", ".join(values))
+
+
+def _int_at_least(low: int) -> _Rule:
+    return _Rule(int, lambda v: v >= low, f"an integer >= {low}")
+
+
+def _float_in(low: float, high: float, *, open_low: bool = False) -> _Rule:
+    bracket = "(" if open_low else "["
+
+    def check(v: float) -> bool:
+        return (v > low if open_low else v >= low) and v <= high
+
+    return _Rule(float, check, f"a number in {bracket}{low}, {high}]")
+
+
+def _tasks_rule() -> _Rule:
+    from atlas_flwr.data.glue import TASKS
+
+    def check(v: str) -> bool:
+        names = [t.strip() for t in v.split(",") if t.strip()]
+        return bool(names) and all(n in TASKS for n in names) and len(set(names)) == len(names)
+
+    return _Rule(str, check, "a comma-separated list of distinct tasks from " + ", ".join(TASKS))
+
+
+_RULES: dict[str, _Rule] = {
+    "strategy": _choice(*STRATEGIES),
+    "num-server-rounds": _int_at_least(1),
+    "tasks": _tasks_rule(),
+    "clients-per-task": _int_at_least(1),
+    "partitioner": _choice(*PARTITIONERS),
+    "dirichlet-alpha": _float_in(0.0, 1e6, open_low=True),
+    "max-samples-per-client": _int_at_least(0),
+    "max-eval-samples": _int_at_least(0),
+    "data-dir": _Rule(str),
+    "model": _Rule(str, bool, "a model alias or a local model directory"),
+    "pooling": _choice(*POOLINGS),
+    "max-length": _int_at_least(8),
+    "lora-rank": _int_at_least(1),
+    "lora-alpha": _float_in(0.0, 1e6, open_low=True),
+    "lora-dropout": _float_in(0.0, 0.9),
+    "local-epochs": _int_at_least(1),
+    "batch-size": _int_at_least(1),
+    "eval-batch-size": _int_at_least(1),
+    "lr": _float_in(0.0, 1.0, open_low=True),
+    "weight-decay": _float_in(0.0, 1.0),
+    "seed": _int_at_least(0),
+    "device": _choice(*DEVICES),
+    "output-dir": _Rule(str),
+    "run-name": _Rule(str, lambda v: "/" not in v and v not in (".", ".."), "a name without '/'"),
+}
+
+
+def _coerce(key: str, value: Any, rule: _Rule) -> Any:
+    # TOML gives ints where a float is meant (lr = 1) and bools are ints in Python.
+    if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, rule.kind):
+        raise ConfigError(key, value, rule.allowed or f"a {rule.kind.__name__}")
+    if not rule.check(value):
+        raise ConfigError(key, value, rule.allowed)
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated run configuration (attribute names are the keys in snake_case)."""
+
+    strategy: str
+    num_server_rounds: int
+    tasks: tuple[str, ...]
+    clients_per_task: int
+    partitioner: str
+    dirichlet_alpha: float
+    max_samples_per_client: int
+    max_eval_samples: int
+    data_dir: str
+    model: str
+    pooling: str
+    max_length: int
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    local_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    device: str
+    output_dir: str
+    run_name: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:
+        """Check every key of a Flower run config and build the :class:`Config`.
+
+        Raises
+        ------
+        ConfigError
+            On a missing, unknown, mistyped or out-of-range key.
+        """
+        unknown = sorted(set(run_config) - set(_RULES))
+        if unknown:
+            raise ConfigError(unknown[0], run_config[unknown[0]], "a key of " + ", ".join(_RULES))
+        values: dict[str, Any] = {}
+        for key, rule in _RULES.items():
+            if key not in run_config:
+                raise ConfigError(key, "<missing>", rule.allowed or f"a {rule.kind.__name__}")
+            values[key.replace("-", "_")] = _coerce(key, run_config[key], rule)
+        values["tasks"] = tuple(t.strip() for t in values["tasks"].split(",") if t.strip())
+        return cls(**values)
+
+    @property
+    def num_clients(self) -> int:
+        """Size of the client population: ``tasks`` x ``clients-per-task``."""
+        return len(self.tasks) * self.clients_per_task
+
+    def task_of(self, client_id: int) -> tuple[str, int]:
+        """Task of a client and its partition index inside that task."""
+        if not 0 <= client_id < self.num_clients:
+            raise ConfigError("partition-id", client_id, f"an integer in [0, {self.num_clients})")
+        return self.tasks[client_id // self.clients_per_task], client_id % self.clients_per_task
+
+    def resolved_data_dir(self) -> str:
+        """The GLUE directory: ``data-dir``, else ``$ATLAS_DATA_DIR``, else '' (the hub)."""
+        return self.data_dir or os.environ.get(DATA_DIR_ENV, "")
+
+    def resolved_output_dir(self) -> Path:
+        """Absolute output root: ``output-dir``, else ``$ATLAS_OUTPUT_DIR``, else ~/atlas-fl-outputs.
+
+        The ServerApp does not run in the project directory, so a relative path would land
+        somewhere unexpected: it is refused.
+        """
+        raw = self.output_dir or os.environ.get(OUTPUT_DIR_ENV, "")
+        path = Path(raw).expanduser() if raw else Path.home() / "atlas-fl-outputs"
+        if not path.is_absolute():
+            raise ConfigError("output-dir", raw, "an absolute path (the ServerApp's cwd is not the project)")
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case dict in the form of the run config (tasks joined back)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = ",".join(value) if f.name == "tasks" else value
+        return out
+
+
+def config_keys() -> tuple[str, ...]:
+    """Every run-config key this app reads."""
+    return tuple(_RULES)

@@ -1,0 +1,117 @@
+"""A client's local work: its data, its model, one train call and one evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import datasets
+import numpy as np
+import torch
+
+from atlas_flwr.config import Config
+from atlas_flwr.data import (
+    client_partition,
+    eval_rows,
+    make_loader,
+    task_spec,
+    tokenize,
+)
+from atlas_flwr.models.classifier import (
+    LoraSettings,
+    SequenceClassifier,
+    adapter_state,
+    build_classifier,
+    head_state,
+    load_adapter_state,
+    load_head_state,
+    load_tokenizer,
+)
+from atlas_flwr.records import State, to_torch
+from atlas_flwr.train import TrainResult, evaluate, pick_device, seed_for, train_local
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Tokenized train rows (this client's partition) and eval rows (its task's validation)."""
+
+    task: str
+    train: datasets.Dataset
+    eval: datasets.Dataset
+
+
+def lora_settings(cfg: Config) -> LoraSettings:
+    """Uniform LoRA settings from the run config."""
+    return LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+
+
+@lru_cache(maxsize=64)
+def client_data(cfg: Config, client_id: int) -> ClientData:
+    """Load, partition and tokenize once per process; the Config is the cache key."""
+    task, index = cfg.task_of(client_id)
+    spec = task_spec(task)
+    tokenizer = load_tokenizer(cfg.model)
+    data_dir = cfg.resolved_data_dir()
+    rows = client_partition(
+        task,
+        index,
+        cfg.clients_per_task,
+        data_dir=data_dir,
+        partitioner=cfg.partitioner,
+        alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
+        max_samples=cfg.max_samples_per_client,
+    )
+    train = tokenize(rows, spec, tokenizer, cfg.max_length)
+    evals = tokenize(
+        eval_rows(task, data_dir=data_dir, max_samples=cfg.max_eval_samples, seed=cfg.seed),
+        spec,
+        tokenizer,
+        cfg.max_length,
+    )
+    # Sorted by length, eval batches carry little padding; metrics do not depend on order.
+    order = np.argsort([len(ids) for ids in evals["input_ids"]], kind="stable")
+    return ClientData(task=task, train=train, eval=evals.select(order))
+
+
+def new_model(cfg: Config, task: str) -> SequenceClassifier:
+    """A classifier for ``task`` with the run's model and LoRA settings (seeded by the run seed)."""
+    return build_classifier(
+        cfg.model, task_spec(task).num_labels, lora_settings(cfg), pooling=cfg.pooling, seed=cfg.seed
+    )
+
+
+def initial_state(cfg: Config) -> tuple[dict, dict]:
+    """The adapter and head every client starts from, as the server builds them."""
+    model = new_model(cfg, cfg.tasks[0])
+    return adapter_state(model), head_state(model)
+
+
+def _loaded_model(cfg: Config, task: str, adapter: State, head: State) -> SequenceClassifier:
+    model = new_model(cfg, task)
+    load_adapter_state(model, to_torch(adapter))
+    load_head_state(model, to_torch(head))
+    return model
+
+
+def run_train(
+    cfg: Config, client_id: int, server_round: int, adapter: State, head: State
+) -> tuple[dict, dict, TrainResult]:
+    """Train from the given adapter and head; seeded by (seed, client, round)."""
+    data = client_data(cfg, client_id)
+    model = _loaded_model(cfg, data.task, adapter, head)
+    seed = seed_for(cfg.seed, client_id, server_round)
+    torch.manual_seed(seed)  # LoRA dropout and head dropout
+    loader = make_loader(data.train, load_tokenizer(cfg.model), cfg.batch_size, shuffle=True, seed=seed)
+    result = train_local(
+        model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device)
+    )
+    return adapter_state(model), head_state(model), result
+
+
+def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> dict[str, float]:
+    """Metrics of the given adapter and head on the client's task validation rows."""
+    data = client_data(cfg, client_id)
+    model = _loaded_model(cfg, data.task, adapter, head)
+    loader = make_loader(data.eval, load_tokenizer(cfg.model), cfg.eval_batch_size, shuffle=False)
+    return evaluate(model, loader, pick_device(cfg.device))

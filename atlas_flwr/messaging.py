@@ -1,0 +1,39 @@
+"""Send messages and collect replies with a short poll.
+
+``Grid.send_and_receive`` of the Deployment Engine sleeps 3 s between polls; a push then a
+pull loop at ``poll_interval`` keeps a round trip near the transport's own latency.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+
+def exchange(
+    grid: Grid, messages: Sequence[Message], *, timeout: float | None = None, poll_interval: float = 0.02
+) -> list[Message | None]:
+    """Push ``messages`` and pull their replies; ``None`` marks a reply that did not come in time.
+
+    The result is in the order of ``messages``, whatever order the replies arrive in.
+    """
+    ids = list(grid.push_messages(messages))
+    if len(ids) != len(messages):
+        raise RuntimeError(f"the grid accepted {len(ids)} of {len(messages)} messages")
+    position = {msg_id: i for i, msg_id in enumerate(ids)}
+    replies: list[Message | None] = [None] * len(messages)
+    pending = set(ids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            msg_id = reply.metadata.reply_to_message_id
+            if msg_id in pending:
+                replies[position[msg_id]] = reply
+                pending.discard(msg_id)
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(poll_interval)
+    return replies

@@ -1,0 +1,224 @@
+"""ServerApp: the round loop. Messages in and out here; the math lives in ``strategies/``."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import flwr
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from atlas_flwr.config import Config
+from atlas_flwr.data import task_spec
+from atlas_flwr.errors import AtlasError
+from atlas_flwr.local import initial_state
+from atlas_flwr.messaging import exchange
+from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
+from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
+from strategies.grouped_avg import (
+    ClientInfo,
+    GroupedAdapterAveraging,
+    TrainReply,
+    make_strategy,
+)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config, then run the federation; a user error ends in one log line."""
+    try:
+        run_federation(grid, Config.from_run_config(context.run_config))
+    except AtlasError as err:
+        log(ERROR, "%s", err)
+        raise SystemExit(1) from None
+
+
+def _reply_error(reply: Message | None) -> str | None:
+    if reply is None:
+        return "no reply before the timeout"
+    if reply.has_error():
+        return f"error {reply.error.code}: {reply.error.reason}".splitlines()[0]
+    return None
+
+
+def describe_clients(grid: Grid, cfg: Config) -> list[ClientInfo]:
+    """Ask every node who it is; check the population is tasks x clients-per-task."""
+    node_ids = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query.describe", group_id="0") for n in node_ids]
+    clients = []
+    for node_id, reply in zip(node_ids, exchange(grid, messages), strict=True):
+        if (reason := _reply_error(reply)) is not None:
+            raise AtlasError(f"node {node_id} failed to describe itself: {reason}")
+        record = reply.content.config_records["client"]
+        clients.append(
+            ClientInfo(
+                client_id=int(record["client-id"]),
+                node_id=node_id,
+                task=str(record["task"]),
+                num_train=int(record["num-train"]),
+                num_eval=int(record["num-eval"]),
+            )
+        )
+    ids = sorted(c.client_id for c in clients)
+    if ids != list(range(cfg.num_clients)):
+        raise AtlasError(
+            f"client ids {ids} do not cover 0..{cfg.num_clients - 1} (tasks x clients-per-task = {cfg.num_clients}): "
+            f"run with num-supernodes = {cfg.num_clients}"
+        )
+    return sorted(clients, key=lambda c: c.client_id)
+
+
+def _content(strategy: GroupedAdapterAveraging, client: ClientInfo, server_round: int) -> RecordDict:
+    adapter, head = strategy.state_for(client)
+    return RecordDict(
+        {"adapter": to_record(adapter), "head": to_record(head), "config": ConfigRecord({"server-round": server_round})}
+    )
+
+
+def _send(
+    grid: Grid, clients: Sequence[ClientInfo], strategy: GroupedAdapterAveraging, kind: str, server_round: int
+) -> tuple[list[tuple[ClientInfo, Message]], dict[str, float]]:
+    messages = [
+        Message(
+            _content(strategy, c, server_round), dst_node_id=c.node_id, message_type=kind, group_id=str(server_round)
+        )
+        for c in clients
+    ]
+    sent = sum(message_bytes(m) for m in messages)
+    replies = exchange(grid, messages)
+    ok, received, failures = [], 0, 0
+    for client, reply in zip(clients, replies, strict=True):
+        if (reason := _reply_error(reply)) is not None:
+            failures += 1
+            log(
+                WARNING,
+                "round %d %s: client %d (%s) failed: %s",
+                server_round,
+                kind,
+                client.client_id,
+                client.task,
+                reason,
+            )
+            continue
+        received += message_bytes(reply)
+        ok.append((client, reply))
+    if not ok:
+        raise AtlasError(f"round {server_round}: every client failed in '{kind}'; see the warnings above")
+    return ok, {"bytes-sent": float(sent), "bytes-received": float(received), "failures": float(failures)}
+
+
+def _task_means(evals: dict[int, dict[str, float]], clients: Sequence[ClientInfo]) -> dict[str, float]:
+    by_task: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for c in clients:
+        if c.client_id in evals:
+            by_task[c.task].append(evals[c.client_id])
+    out: dict[str, float] = {}
+    for task, rows in sorted(by_task.items()):
+        for metric in ("accuracy", "f1", "mcc"):
+            out[f"{task}-{metric}"] = float(np.mean([r[metric] for r in rows]))
+    out["mean-main-metric"] = float(np.mean([out[f"{t}-{task_spec(t).main_metric}"] for t in by_task]))
+    return out
+
+
+def _round_line(server_round: int, total: int, row: dict[str, Any], tasks: Sequence[str]) -> str:
+    parts = [f"round {server_round}/{total}", f"train loss {row['train-loss']:.4f}"]
+    for t in tasks:
+        metric = task_spec(t).main_metric
+        if f"{t}-{metric}" in row:
+            parts.append(f"{t} {metric} {row[f'{t}-{metric}']:.3f}")
+    parts.append(f"down {row['bytes-sent'] / 1e6:.2f} MB up {row['bytes-received'] / 1e6:.2f} MB")
+    parts.append(f"{row['round-seconds']:.1f} s")
+    return " | ".join(parts)
+
+
+def run_federation(grid: Grid, cfg: Config) -> Path:
+    """Run ``num-server-rounds`` rounds of train, aggregate, evaluate; return the run directory."""
+    started = time.perf_counter()
+    run_dir = new_run_dir(cfg.resolved_output_dir(), cfg.run_name or default_run_name(cfg.strategy, cfg.seed))
+    writer = RunWriter(run_dir, {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__})
+    adapter, head = initial_state(cfg)
+    strategy = make_strategy(cfg.strategy, to_numpy(adapter), to_numpy(head))
+    log(INFO, "%s", strategy.summary())
+    clients = describe_clients(grid, cfg)
+    log(
+        INFO,
+        "%d clients: %s; results in %s",
+        len(clients),
+        ", ".join(f"{c.client_id}:{c.task}" for c in clients),
+        run_dir,
+    )
+
+    evals: dict[int, dict[str, float]] = {}
+    last_train: dict[int, dict[str, float]] = {}
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        ok, train_io = _send(grid, clients, strategy, "train", server_round)
+        t1 = time.perf_counter()
+        replies = []
+        for client, msg in ok:
+            metrics = dict(msg.content.metric_records["metrics"])
+            last_train[client.client_id] = metrics
+            replies.append(
+                TrainReply(
+                    client=client,
+                    adapter=from_record(msg.content.array_records["adapter"]),
+                    head=from_record(msg.content.array_records["head"]),
+                    num_examples=int(metrics["num-examples"]),
+                    metrics=metrics,
+                )
+            )
+        train_metrics = strategy.aggregate_train(replies)
+        t2 = time.perf_counter()
+        ok_eval, eval_io = _send(grid, clients, strategy, "evaluate", server_round)
+        for client, msg in ok_eval:
+            evals[client.client_id] = dict(msg.content.metric_records["metrics"])
+        t3 = time.perf_counter()
+        row: dict[str, Any] = {
+            "round": server_round,
+            **train_metrics,
+            **_task_means(evals, clients),
+            **{k: train_io[k] + eval_io[k] for k in train_io},
+            "train-seconds": t1 - t0,
+            "aggregate-seconds": t2 - t1,
+            "eval-seconds": t3 - t2,
+            "round-seconds": t3 - t0,
+        }
+        writer.add_round(row)
+        log(INFO, "%s", _round_line(server_round, cfg.num_server_rounds, row, cfg.tasks))
+
+    client_rows = [
+        {
+            "client-id": c.client_id,
+            "task": c.task,
+            "num-train": c.num_train,
+            "num-eval": c.num_eval,
+            **{k: v for k, v in evals.get(c.client_id, {}).items() if k != "client-id"},
+            "train-loss": last_train.get(c.client_id, {}).get("train-loss", float("nan")),
+        }
+        for c in clients
+    ]
+    writer.write_clients(client_rows)
+    final = writer.rounds[-1]
+    writer.write_summary(
+        {
+            "strategy": strategy.summary(),
+            "rounds": cfg.num_server_rounds,
+            "clients": len(clients),
+            "final": {k: v for k, v in final.items() if "-" in k and k.split("-")[0] in cfg.tasks},
+            "mean-main-metric": final["mean-main-metric"],
+            "bytes-sent-total": sum(r["bytes-sent"] for r in writer.rounds),
+            "bytes-received-total": sum(r["bytes-received"] for r in writer.rounds),
+            "wall-seconds": time.perf_counter() - started,
+        }
+    )
+    log(INFO, "run finished: results in %s", run_dir)
+    return run_dir

@@ -1,0 +1,125 @@
+"""Local training and evaluation of a classifier; metrics through scikit-learn."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from atlas_flwr.errors import AtlasError
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` takes CUDA when present; asking for CUDA without one is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise AtlasError("device 'cuda' requested but torch sees no CUDA device: use device = 'auto' or 'cpu'")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_for(*parts: int) -> int:
+    """A 31-bit seed derived from (seed, client, round, ...): distinct streams, reproducible."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # fp16 autocast on CUDA (T4 has no fast bf16); the CPU path stays fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _batches(loader: DataLoader, device: torch.device, desc: str) -> Iterator[dict[str, torch.Tensor]]:
+    # tqdm shows itself only on a terminal; under the simulation engine it stays quiet.
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None, mininterval=5.0):
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training call did."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def train_local(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+) -> TrainResult:
+    """AdamW on the trainable parameters (LoRA and head) for ``epochs`` passes.
+
+    Raises
+    ------
+    AtlasError
+        When the loss becomes NaN or infinite, so no corrupt update leaves the client.
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    loss_fn = torch.nn.CrossEntropyLoss()
+    total, seen, steps, start = 0.0, 0, 0, time.perf_counter()
+    for epoch in range(epochs):
+        for batch in _batches(loader, device, f"train epoch {epoch + 1}/{epochs}"):
+            labels = batch.pop("labels")
+            with _autocast(device):
+                loss = loss_fn(model(**batch), labels)
+            if not math.isfinite(loss.item()):
+                raise AtlasError(f"training loss became {loss.item()} at step {steps}: lower lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item() * len(labels)
+            seen += len(labels)
+            steps += 1
+    model.eval()
+    return TrainResult(total / max(seen, 1), seen // max(epochs, 1), steps, time.perf_counter() - start)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    """Accuracy, binary/macro F1 and Matthews correlation (CoLA's official metric)."""
+    binary = len(np.union1d(labels, preds)) <= 2 and set(np.unique(labels)) <= {0, 1}
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1": float(f1_score(labels, preds, average="binary" if binary else "macro", zero_division=0)),
+        "mcc": float(matthews_corrcoef(labels, preds)),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Loss and classification metrics over a whole loader."""
+    model.to(device).eval()
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    total, all_labels, all_preds = 0.0, [], []
+    for batch in _batches(loader, device, "evaluate"):
+        labels = batch.pop("labels")
+        with _autocast(device):
+            logits = model(**batch).float()
+        total += loss_fn(logits, labels).item()
+        all_labels.append(labels.cpu().numpy())
+        all_preds.append(logits.argmax(-1).cpu().numpy())
+    labels_np, preds_np = np.concatenate(all_labels), np.concatenate(all_preds)
+    return {
+        "loss": total / len(labels_np),
+        "num-examples": float(len(labels_np)),
+        **classification_metrics(labels_np, preds_np),
+    }

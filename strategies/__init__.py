@@ -1,0 +1,1 @@
+"""Server strategies (orchestration) and their pure math (no Flower imports in the math)."""
