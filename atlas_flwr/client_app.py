@@ -11,8 +11,10 @@ from flwr.common.logger import log
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import client_data, run_evaluate, run_train
+from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, to_record
 
+quiet_libraries()
 app = ClientApp()
 
 

@@ -20,6 +20,7 @@ from atlas_flwr.data import task_spec
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import initial_state
 from atlas_flwr.messaging import exchange
+from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
 from strategies.grouped_avg import (
@@ -29,17 +30,22 @@ from strategies.grouped_avg import (
     make_strategy,
 )
 
+quiet_libraries()
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Validate the config, then run the federation; a user error ends in one log line."""
+    """Validate the config, then run the federation.
+
+    A user error is logged as one line, then re-raised so that Flower marks the run
+    ``finished:failed`` with that line as the status details.
+    """
     try:
         run_federation(grid, Config.from_run_config(context.run_config))
     except AtlasError as err:
         log(ERROR, "%s", err)
-        raise SystemExit(1) from None
+        raise
 
 
 def _reply_error(reply: Message | None) -> str | None:

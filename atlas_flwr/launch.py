@@ -1,0 +1,197 @@
+"""Launch helpers: a local simulation SuperLink we own, ``flwr run``, and the run's final status.
+
+``flwr run`` starts a background SuperLink of its own when none answers, and never stops it.
+We start one ourselves instead, in its own process group, so that it and everything it
+spawns (the ServerApp, Ray and the ClientApp actors) can be stopped together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+from atlas_flwr.errors import AtlasError
+
+PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as ``flwr run --run-config`` parses it (TOML scalars)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if '"' in text:
+        raise AtlasError(f"run-config value {text!r} contains a double quote, which flwr run cannot pass")
+    return json.dumps(text)
+
+
+def run_config_arg(values: Mapping[str, Any]) -> str:
+    """``k1=v1 k2=v2`` for ``--run-config``."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+class LocalSuperLink(AbstractContextManager):
+    """A simulation SuperLink on a free port, stopped (with all its children) on exit.
+
+    Parameters
+    ----------
+    workdir : Path, optional
+        Where its database and log go (a temporary folder by default).
+    port : int, optional
+        The HTTP API port; a free one by default.
+    """
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="atlas-superlink-"))
+        self.port = port or free_port()
+        self.log_file = self.workdir / "superlink.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for ``flwr`` commands that talk to this SuperLink."""
+        env = dict(os.environ)
+        env[PORT_ENV] = str(self.port)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        return env
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=0.5).is_success
+        except httpx.HTTPError:
+            return False
+
+    def __enter__(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(Path(sys.executable).with_name("flower-superlink")),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        with open(self.workdir / "superlink.out", "wb") as out:
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = (self.workdir / "superlink.out").read_text(errors="replace")[-2000:]
+                raise AtlasError(f"the local SuperLink did not start on port {self.port}: {tail.strip()[-300:]}")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the SuperLink's process group, then SIGKILL what is left after 10 s."""
+        if self.process is None:
+            return
+        pgid = self.process.pid  # start_new_session makes it the group leader
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(pgid):
+                time.sleep(0.2)
+            if not _group_alive(pgid):
+                break
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.process = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def flwr(self, *args: str, capture: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command against this SuperLink."""
+        command = [str(Path(sys.executable).with_name("flwr")), *args]
+        return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, check=False)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stream_flwr_run(
+    link: LocalSuperLink, app: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any]
+) -> int:
+    """``flwr run <app> --stream``; echo its output and return the run id it started."""
+    args = [
+        "run",
+        str(app),
+        "--stream",
+        "--run-config",
+        run_config_arg(run_config),
+        "--federation-config",
+        " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items()),
+    ]
+    command = [str(Path(sys.executable).with_name("flwr")), *args]
+    run_id = None
+    with subprocess.Popen(
+        command, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if run_id is None and (match := re.search(r"started run (\d+)", line)):
+                run_id = int(match.group(1))
+        proc.wait()
+    if run_id is None:
+        raise AtlasError(f"flwr run did not start a run (exit code {proc.returncode}); see its output above")
+    return run_id
+
+
+def run_status(link: LocalSuperLink, run_id: int) -> dict[str, Any]:
+    """The run's entry from ``flwr list --run-id ID --format json`` (status, details, times)."""
+    result = link.flwr("list", "--run-id", str(run_id), "--format", "json", timeout=60)
+    try:
+        payload = json.loads(result.stdout)
+    except json.JSONDecodeError as err:
+        raise AtlasError(f"flwr list gave no JSON for run {run_id}: {result.stdout[-300:]!r}") from err
+    runs: Sequence[dict[str, Any]] = payload.get("runs", [])
+    for run in runs:
+        if int(run["run-id"]) == run_id:
+            return dict(run)
+    raise AtlasError(f"run {run_id} not found by flwr list")
