@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import Any
 from atlas_flwr.config import DATA_DIR_ENV, Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.launch import LocalSuperLink, run_status, stream_flwr_run
+from atlas_flwr.preflight import preflight
 from atlas_flwr.results import default_run_name
 
 
@@ -85,10 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``atlas-run``; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the SuperLink context manager still stops its group.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         app = args.app.resolve()
         values = resolve_run_config(app, args.config, args.overrides)
         cfg = Config.from_run_config(values)
+        preflight(cfg)
         run_dir = Path(values["output-dir"]) / values["run-name"]
         if args.check:
             print("\n".join(f"{k} = {v!r}" for k, v in values.items()))
@@ -99,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "client_resources_num_gpus": args.client_gpus,
         }
         with LocalSuperLink() as link:
+            print(f"atlas-run: SuperLink pid {link.process.pid} on port {link.port}", flush=True)
             run_id = stream_flwr_run(link, app, values, federation)
             status = run_status(link, run_id)
     except AtlasError as err:

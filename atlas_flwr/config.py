@@ -79,6 +79,7 @@ _RULES: dict[str, _Rule] = {
     "batch-size": _int_at_least(1),
     "eval-batch-size": _int_at_least(1),
     "lr": _float_in(0.0, 1.0, open_low=True),
+    "head-lr": _float_in(0.0, 1.0, open_low=True),
     "weight-decay": _float_in(0.0, 1.0),
     "seed": _int_at_least(0),
     "device": _choice(*DEVICES),
@@ -121,6 +122,7 @@ class Config:
     batch_size: int
     eval_batch_size: int
     lr: float
+    head_lr: float
     weight_decay: float
     seed: int
     device: str

@@ -104,7 +104,13 @@ def run_train(
     torch.manual_seed(seed)  # LoRA dropout and head dropout
     loader = make_loader(data.train, load_tokenizer(cfg.model), cfg.batch_size, shuffle=True, seed=seed)
     result = train_local(
-        model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device)
+        model,
+        loader,
+        epochs=cfg.local_epochs,
+        lr=cfg.lr,
+        head_lr=cfg.head_lr,
+        weight_decay=cfg.weight_decay,
+        device=pick_device(cfg.device),
     )
     return adapter_state(model), head_state(model), result
 

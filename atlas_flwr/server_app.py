@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from atlas_flwr.data import task_spec
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import initial_state
 from atlas_flwr.messaging import exchange
+from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
@@ -146,9 +148,18 @@ def _round_line(server_round: int, total: int, row: dict[str, Any], tasks: Seque
     return " | ".join(parts)
 
 
-def run_federation(grid: Grid, cfg: Config) -> Path:
-    """Run ``num-server-rounds`` rounds of train, aggregate, evaluate; return the run directory."""
+@dataclass(frozen=True)
+class RunOutcome:
+    """Where a run wrote its results, and the strategy with its final per-group states."""
+
+    run_dir: Path
+    strategy: GroupedAdapterAveraging
+
+
+def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
+    """Run ``num-server-rounds`` rounds of train, aggregate, evaluate."""
     started = time.perf_counter()
+    preflight(cfg)
     run_dir = new_run_dir(cfg.resolved_output_dir(), cfg.run_name or default_run_name(cfg.strategy, cfg.seed))
     writer = RunWriter(run_dir, {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__})
     adapter, head = initial_state(cfg)
@@ -227,4 +238,4 @@ def run_federation(grid: Grid, cfg: Config) -> Path:
         }
     )
     log(INFO, "run finished: results in %s", run_dir)
-    return run_dir
+    return RunOutcome(run_dir, strategy)

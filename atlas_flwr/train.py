@@ -60,10 +60,14 @@ def train_local(
     *,
     epochs: int,
     lr: float,
+    head_lr: float | None = None,
     weight_decay: float,
     device: torch.device,
 ) -> TrainResult:
     """AdamW on the trainable parameters (LoRA and head) for ``epochs`` passes.
+
+    The head (parameters named ``head.*``) learns at ``head_lr`` (default: ``lr``): a fresh
+    linear head on frozen-ish features needs larger steps than the low-rank adapters.
 
     Raises
     ------
@@ -71,8 +75,12 @@ def train_local(
         When the loss becomes NaN or infinite, so no corrupt update leaves the client.
     """
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not n.startswith("head.")], "lr": lr},
+        {"params": [p for n, p in named if n.startswith("head.")], "lr": head_lr or lr},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     loss_fn = torch.nn.CrossEntropyLoss()
     total, seen, steps, start = 0.0, 0, 0, time.perf_counter()

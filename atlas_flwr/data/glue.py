@@ -71,7 +71,8 @@ def load_split(task: str, split: str, data_dir: str = "") -> datasets.Dataset:
     missing = [c for c in (*spec.text_columns, "label") if c not in ds.column_names]
     if missing:
         raise DataError(f"{task}/{split} lacks columns {missing}: expected {list(spec.text_columns) + ['label']}")
-    return ds.select_columns([*spec.text_columns, "label"])
+    keep = ["idx"] if "idx" in ds.column_names else []  # row ids let tests check partitions
+    return ds.select_columns([*keep, *spec.text_columns, "label"])
 
 
 def make_partitioner(kind: str, num_partitions: int, alpha: float, seed: int) -> Partitioner:

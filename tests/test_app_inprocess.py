@@ -1,0 +1,156 @@
+"""ServerApp + ClientApp end to end through the in-process LocalGrid (no Ray, no SuperLink)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from atlas_flwr.client_app import app as client_app
+from atlas_flwr.config import Config
+from atlas_flwr.errors import AtlasError
+from atlas_flwr.local import initial_state
+from atlas_flwr.local_grid import LocalGrid
+from atlas_flwr.records import to_numpy, to_record
+from atlas_flwr.server_app import run_federation
+
+
+@pytest.fixture()
+def tiny_run_config(run_config: dict, tiny_models: dict) -> dict:
+    run_config.update(
+        {
+            "model": tiny_models["bert"],
+            "tasks": "sst2,mrpc",
+            "clients-per-task": 2,
+            "max-samples-per-client": 24,
+            "max-eval-samples": 16,
+            "num-server-rounds": 2,
+            "batch-size": 8,
+            "lr": 0.01,
+            "max-length": 32,
+        }
+    )
+    return run_config
+
+
+def _run(values: dict, num_nodes: int | None = None):
+    cfg = Config.from_run_config(values)
+    grid = LocalGrid(client_app, values, num_nodes or cfg.num_clients)
+    return cfg, grid, run_federation(grid, cfg)
+
+
+def test_fedavg_run_trains_aggregates_and_writes_results(tiny_run_config: dict) -> None:
+    cfg, grid, outcome = _run({**tiny_run_config, "run-name": "fed"})
+    run_dir = outcome.run_dir
+    assert grid.messages_seen.count("train") == 2 * 4 and grid.messages_seen.count("evaluate") == 2 * 4
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    adapter, head = initial_state(cfg)
+    per_message = to_record(adapter).count_bytes() + to_record(head).count_bytes()
+    raw = sum(v.numel() * 4 for v in adapter.values()) + sum(v.numel() * 4 for v in head.values())
+    assert per_message > raw  # the serialized arrays, with their headers and key names
+    for r in rounds:
+        assert r["failures"] == 0
+        # down: 4 train + 4 evaluate messages; up: 4 train replies (evaluate replies carry no arrays)
+        assert r["bytes-sent"] == 8 * per_message
+        assert r["bytes-received"] == 4 * per_message
+        for key in ("sst2-accuracy", "mrpc-f1", "train-loss"):
+            assert np.isfinite(r[key])
+    with (run_dir / "clients.csv").open() as fh:
+        clients = list(csv.DictReader(fh))
+    assert [c["task"] for c in clients] == ["sst2", "sst2", "mrpc", "mrpc"]
+    assert all(0.0 <= float(c["accuracy"]) <= 1.0 and c["mcc"] != "" for c in clients)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["bytes-sent-total"] == sum(r["bytes-sent"] for r in rounds)
+    assert json.loads((run_dir / "config.json").read_text())["run-config"]["strategy"] == "fedavg"
+
+
+def _final_states(values: dict):
+    cfg, _grid, outcome = _run(values)
+    return cfg, outcome.strategy, outcome.run_dir
+
+
+def test_adapters_change_and_fedavg_shares_them(tiny_run_config: dict) -> None:
+    cfg, strategy, _ = _final_states(tiny_run_config)
+    from strategies.grouped_avg import ClientInfo
+
+    clients = [ClientInfo(i, 0, cfg.task_of(i)[0], 0, 0) for i in range(cfg.num_clients)]
+    init_adapter, _ = (to_numpy(s) for s in initial_state(cfg))
+    adapters = [strategy.state_for(c)[0] for c in clients]
+    heads = [strategy.state_for(c)[1] for c in clients]
+    lora_b = next(k for k in init_adapter if "lora_B" in k)
+    assert not np.allclose(adapters[0][lora_b], init_adapter[lora_b])  # B starts at zero and moved
+    assert all(a is adapters[0] for a in adapters)  # one global adapter
+    assert np.array_equal(heads[0]["weight"], heads[1]["weight"])
+    assert not np.array_equal(heads[0]["weight"], heads[2]["weight"])
+
+
+def test_local_only_gives_each_client_its_own_adapter(tiny_run_config: dict) -> None:
+    cfg, strategy, _ = _final_states({**tiny_run_config, "strategy": "local-only"})
+    from strategies.grouped_avg import ClientInfo
+
+    adapters = [strategy.state_for(ClientInfo(i, 0, "", 0, 0))[0] for i in range(cfg.num_clients)]
+    lora_b = next(k for k in adapters[0] if "lora_B" in k)
+    assert not np.array_equal(adapters[0][lora_b], adapters[1][lora_b])
+
+
+def test_same_seed_same_results(tiny_run_config: dict) -> None:
+    def metrics(name: str) -> list:
+        _, _, outcome = _run({**tiny_run_config, "run-name": name})
+        rows = json.loads((outcome.run_dir / "rounds.json").read_text())
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    assert metrics("a") == metrics("b")
+
+
+def test_population_must_match_tasks_times_clients(tiny_run_config: dict) -> None:
+    with pytest.raises(AtlasError, match="num-partitions = 3 but tasks x clients-per-task = 4"):
+        _run(tiny_run_config, num_nodes=3)
+
+
+def _flaky_app(failing: set[int]):
+    """The real ClientApp, except that train raises on the given partition ids."""
+    from flwr.clientapp import ClientApp
+
+    from atlas_flwr import client_app as real
+
+    flaky = ClientApp()
+    flaky.query("describe")(real.describe)
+    flaky.evaluate()(real.evaluate)
+
+    @flaky.train()
+    def train(message, context):
+        if int(context.node_config["partition-id"]) in failing:
+            raise RuntimeError("disk on fire")
+        return real.train(message, context)
+
+    return flaky
+
+
+def test_failed_replies_are_counted_and_the_round_goes_on(tiny_run_config: dict, caplog) -> None:
+    cfg = Config.from_run_config(tiny_run_config)
+    outcome = run_federation(LocalGrid(_flaky_app({1}), tiny_run_config, cfg.num_clients), cfg)
+    rounds = json.loads((outcome.run_dir / "rounds.json").read_text())
+    assert [r["failures"] for r in rounds] == [1, 1]
+    assert all(r["num-examples"] == 3 * 24 for r in rounds)  # the failed client's rows are not counted
+    assert "client 1 (sst2) failed: error 2: RuntimeError: disk on fire" in caplog.text
+
+
+def test_every_client_failing_is_an_error(tiny_run_config: dict) -> None:
+    cfg = Config.from_run_config(tiny_run_config)
+    with pytest.raises(AtlasError, match="every client failed in 'train'"):
+        run_federation(LocalGrid(_flaky_app({0, 1, 2, 3}), tiny_run_config, cfg.num_clients), cfg)
+
+
+def test_missing_split_stops_the_run_before_round_one(tiny_run_config: dict, tmp_path) -> None:
+    import shutil
+    from pathlib import Path
+
+    broken = tmp_path / "glue"
+    for task in ("sst2", "mrpc"):
+        (broken / task).mkdir(parents=True)
+        shutil.copy(Path(tiny_run_config["data-dir"]) / task / "train.parquet", broken / task / "train.parquet")
+    with pytest.raises(AtlasError, match=r"missing split file .*sst2/validation.parquet.*found for sst2: \['train'\]"):
+        _run({**tiny_run_config, "data-dir": str(broken)})

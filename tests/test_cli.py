@@ -1,0 +1,46 @@
+"""atlas-run: config resolution and one-line errors before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from atlas_flwr.cli import main, parse_overrides, resolve_run_config
+from tests.conftest import ROOT
+
+
+def test_overrides_parse_as_toml_values() -> None:
+    assert parse_overrides(["lr=0.01", "tasks='sst2,cola'", "strategy=local-only", "num-server-rounds=5"]) == {
+        "lr": 0.01,
+        "tasks": "sst2,cola",
+        "strategy": "local-only",
+        "num-server-rounds": 5,
+    }
+
+
+def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ATLAS_DATA_DIR", raising=False)
+    values = resolve_run_config(ROOT, ROOT / "configs" / "smoke.toml", ["output-dir=out"])
+    assert Path(values["output-dir"]).is_absolute() and values["output-dir"].endswith("/out")
+    assert values["data-dir"] == str(ROOT.parent / "shared" / "data" / "glue")
+    assert values["tasks"] == "sst2,mrpc" and values["run-name"].startswith("fedavg-s42-")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "strategy=fedprox"], "'strategy' = 'fedprox' is not allowed: expected one of fedavg, local-only"),
+        (["--set", "tasks='sst2,wnli'"], "'tasks' = 'sst2,wnli'"),
+        (["--set", "clients-per-task=0"], "'clients-per-task' = 0 is not allowed: expected an integer >= 1"),
+        (["--set", "model=gpt5"], "unknown model 'gpt5'"),
+        (["--set", "data-dir=/nonexistent/glue"], "data-dir '/nonexistent/glue' is not a directory"),
+        (["configs/missing.toml"], "config file"),
+        (["--set", "nonsense"], "is not key=value"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main([*args, "--check", "--app", str(ROOT)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err, err

@@ -1,0 +1,82 @@
+"""Run config: pyproject lists every key, config.py checks each one with a one-line error."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from atlas_flwr.config import Config, config_keys
+from atlas_flwr.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def test_pyproject_lists_exactly_the_keys_config_reads() -> None:
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        keys = set(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    assert keys == set(config_keys())
+
+
+def test_defaults_parse(run_config: dict) -> None:
+    cfg = Config.from_run_config(run_config)
+    assert cfg.tasks == ("sst2", "mrpc", "cola", "qnli")
+    assert cfg.num_clients == 8
+    assert cfg.task_of(5) == ("cola", 1)
+    assert Config.from_run_config(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("strategy", "fedprox", "one of fedavg, local-only"),
+        ("tasks", "sst2,stsb", "distinct tasks from sst2"),
+        ("tasks", "sst2,sst2", "distinct tasks"),
+        ("tasks", "", "distinct tasks"),
+        ("clients-per-task", 0, "an integer >= 1"),
+        ("clients-per-task", 1.5, "an integer >= 1"),
+        ("num-server-rounds", "3", "an integer >= 1"),
+        ("partitioner", "shards", "one of iid, dirichlet"),
+        ("dirichlet-alpha", 0.0, "a number in (0.0"),
+        ("lr", -0.1, "a number in (0.0"),
+        ("lora-rank", 0, "an integer >= 1"),
+        ("lora-dropout", 1.5, "a number in [0.0, 0.9]"),
+        ("pooling", "max", "one of mean, cls, last"),
+        ("device", "tpu", "one of auto, cpu, cuda"),
+        ("max-length", 4, "an integer >= 8"),
+        ("batch-size", True, "an integer >= 1"),
+        ("model", "", "a model alias"),
+        ("run-name", "a/b", "a name without '/'"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(run_config: dict, key: str, value: object, allowed: str) -> None:
+    run_config[key] = value
+    with pytest.raises(ConfigError) as info:
+        Config.from_run_config(run_config)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"'{key}'" in message and repr(value) in message and allowed in message
+
+
+def test_missing_and_unknown_keys(run_config: dict) -> None:
+    missing = dict(run_config)
+    del missing["lr"]
+    with pytest.raises(ConfigError, match="'lr' = '<missing>'"):
+        Config.from_run_config(missing)
+    with pytest.raises(ConfigError, match="'learning-rate'"):
+        Config.from_run_config({**run_config, "learning-rate": 0.1})
+
+
+def test_integer_where_float_is_meant_is_accepted(run_config: dict) -> None:
+    run_config["lr"] = 1
+    assert Config.from_run_config(run_config).lr == 1.0
+
+
+def test_output_dir_must_be_absolute(run_config: dict) -> None:
+    run_config["output-dir"] = "outputs"
+    with pytest.raises(ConfigError, match="absolute path"):
+        Config.from_run_config(run_config).resolved_output_dir()
+
+
+def test_client_id_out_of_range(run_config: dict) -> None:
+    with pytest.raises(ConfigError, match=r"'partition-id' = 8 .* \[0, 8\)"):
+        Config.from_run_config(run_config).task_of(8)

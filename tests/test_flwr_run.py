@@ -1,0 +1,74 @@
+"""The real thing: `flwr run` on the simulation engine (Ray), via atlas-run, then its status."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _atlas_run(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    command = [str(Path(sys.executable).with_name("atlas-run")), *args, "--app", str(ROOT)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+
+
+def _superlink_pid(output: str) -> int:
+    match = re.search(r"SuperLink pid (\d+) on port", output)
+    assert match, output[-2000:]
+    return int(match.group(1))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_flwr_run_completes_writes_results_and_stops_its_superlink(tmp_path: Path, glue_dir: str) -> None:
+    out = tmp_path / "outputs"
+    result = _atlas_run(
+        "configs/smoke.toml",
+        "--set",
+        f"output-dir={json.dumps(str(out))}",
+        "--set",
+        "run-name=smoke",
+        "--set",
+        f"data-dir={json.dumps(glue_dir)}",
+        env_extra={"FLWR_HOME": str(tmp_path / "flwr-home")},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "finished:completed" in result.stdout
+    assert "round 2/2" in result.stdout  # per-round progress reached the user
+    run_dir = out / "smoke"
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[-1]["bytes-received"] > 0
+    assert (run_dir / "clients.csv").read_text().count("\n") == 3  # header + 2 clients
+    assert _gone(_superlink_pid(result.stdout))
+
+
+def test_a_failed_serverapp_is_reported_as_failed(tmp_path: Path, glue_dir: str) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the output directory should go")
+    result = _atlas_run(
+        "configs/smoke.toml",
+        "--set",
+        f"output-dir={json.dumps(str(blocker / 'outputs'))}",
+        "--set",
+        f"data-dir={json.dumps(glue_dir)}",
+        env_extra={"FLWR_HOME": str(tmp_path / "flwr-home")},
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "finished:failed" in result.stderr
+    assert _gone(_superlink_pid(result.stdout))
