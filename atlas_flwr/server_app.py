@@ -25,6 +25,7 @@ from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
+from strategies.aggregation import State
 from strategies.grouped_avg import (
     ClientInfo,
     GroupedAdapterAveraging,
@@ -124,6 +125,34 @@ def _send(
     return ok, {"bytes-sent": float(sent), "bytes-received": float(received), "failures": float(failures)}
 
 
+def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State]) -> TrainReply:
+    """Decode a train reply; raise ValueError (one line) if it cannot be aggregated.
+
+    Missing records, keys or shapes that differ from what was ``sent``, and NaN or infinite
+    values are refused here, so they never reach the aggregate.
+    """
+    content = msg.content
+    missing = [n for n in ("adapter", "head") if n not in content.array_records]
+    if missing or "metrics" not in content.metric_records:
+        raise ValueError(f"missing records {missing or ['metrics']}")
+    metrics = dict(content.metric_records["metrics"])
+    if "num-examples" not in metrics or metrics["num-examples"] <= 0:
+        raise ValueError(f"num-examples = {metrics.get('num-examples')!r}: expected a positive count")
+    adapter, head = from_record(content.array_records["adapter"]), from_record(content.array_records["head"])
+    for name, state, reference in (("adapter", adapter, sent[0]), ("head", head, sent[1])):
+        if set(state) != set(reference):
+            diff = sorted(set(state) ^ set(reference))
+            raise ValueError(f"{name} keys differ from those sent: {diff[:3]}")
+        shapes = [k for k in state if state[k].shape != reference[k].shape]
+        if shapes:
+            k = shapes[0]
+            raise ValueError(f"{name} tensor {k!r} has shape {state[k].shape}: expected {reference[k].shape}")
+        bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{name} tensor {bad[0]!r} holds NaN or Inf")
+    return TrainReply(client, adapter, head, int(metrics["num-examples"]), metrics)
+
+
 def _task_means(evals: dict[int, dict[str, float]], clients: Sequence[ClientInfo]) -> dict[str, float]:
     by_task: dict[str, list[dict[str, float]]] = defaultdict(list)
     for c in clients:
@@ -182,17 +211,14 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         t1 = time.perf_counter()
         replies = []
         for client, msg in ok:
-            metrics = dict(msg.content.metric_records["metrics"])
-            last_train[client.client_id] = metrics
-            replies.append(
-                TrainReply(
-                    client=client,
-                    adapter=from_record(msg.content.array_records["adapter"]),
-                    head=from_record(msg.content.array_records["head"]),
-                    num_examples=int(metrics["num-examples"]),
-                    metrics=metrics,
-                )
-            )
+            try:
+                replies.append(decode_train_reply(client, msg, strategy.state_for(client)))
+            except ValueError as err:
+                train_io["failures"] += 1
+                log(WARNING, "round %d train: reply of client %d rejected: %s", server_round, client.client_id, err)
+        if not replies:
+            raise AtlasError(f"round {server_round}: no valid train reply; see the warnings above")
+        last_train.update({r.client.client_id: r.metrics for r in replies})
         train_metrics = strategy.aggregate_train(replies)
         t2 = time.perf_counter()
         ok_eval, eval_io = _send(grid, clients, strategy, "evaluate", server_round)
