@@ -1,0 +1,683 @@
+"""Peak memory of one LoRA training step, and per-layer LoRA ranks chosen to fit a device's memory budget.
+
+Pure Python on plain numbers (no torch): the server can plan ranks for a client it has never seen run.
+
+Memory model (bytes) of one step of a transformer with frozen base weights and LoRA adapters:
+
+- ``frozen_weights``: every base parameter x ``dtype_bytes`` (see :meth:`ModelShape.frozen_param_count`).
+- ``lora_params``: sum over adapted projections of ``r * (in + out)``, kept in fp32 (``adapter_bytes``).
+- ``lora_grads``: the same again: only the adapters are trainable, so only they get gradients.
+- ``optimizer_state``: AdamW keeps two fp32 moments per trainable parameter (SGD none).
+- ``activations``: tensors saved for backward (constants in :class:`Calibration`). Every layer from the
+  first adapted one to the top stores them, adapted or not: the gradient reaching an early adapter has to
+  flow back through all the layers above it. Layers below the first adapter store nothing.
+- ``workspace``: transient tensors of the layer being computed (forward temporaries, backward gradients)
+  plus a fixed allocator/library allowance.
+
+Derivation of the activation constants. Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", Sec. 4.1) count ``34 s b h + 5 a s^2 b`` bytes per layer for full fp16 training
+with no recomputation and ``i = 4h``: 16 two-byte tensors of width h (the FFN ones of width i count 4 each)
+plus two one-byte dropout masks, and per attention head two two-byte ``s x s`` tensors (softmax output and
+its dropout) plus a one-byte mask. With *frozen* base weights autograd does not keep the input of a frozen
+linear layer (a matmul keeps its input only to form the weight's gradient), so the inputs of the QKV
+projections (1), the attention output projection (1), the FFN up projection (1) and the FFN down projection
+(4 = i/h) drop out. What remains, in elements of ``dtype_bytes``: Q, K, V and two LayerNorm inputs (5 of
+width h), the GeLU input (1 of width i), softmax output and attention dropout (2 of size a s^2 per sample);
+plus bool masks (2 bytes per token-hidden, 1 per score) and the LayerNorm mean/rstd (4 per token). Each
+adapted projection adds its LoRA-dropout output (width ``in``) with its mask, and the ``lora_A`` output
+(width r) kept for ``lora_B``. Counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) on a
+small BERT with PEFT LoRA on query/value, eager and SDPA attention, reproduces this per-layer count exactly
+on CPU (where dropout masks are fp32 instead of CUDA's bool; not yet checked on a GPU). Fused attention kernels
+(SDPA flash / memory-efficient on GPU) keep no ``s x s`` tensors: a calibration then drives ``act_attn``
+and ``mask_attn`` towards 0. A benchmark fits these constants to measured peaks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+Target = tuple[int, int]
+RankSpec = Sequence[int] | Sequence[Sequence[int]] | Sequence[Mapping[str, int]]
+
+DEFAULT_CANDIDATE_RANKS = (0, 1, 2, 4, 8, 16, 32)
+#: fp32 moment tensors kept per trainable parameter.
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
+_DECIMAL = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS = _DECIMAL | {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_LLAMA_LIKE = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants of the activation and workspace model (defaults derived in the module docstring).
+
+    Units: ``act_*`` count saved tensors in elements of ``dtype_bytes``; ``mask_*`` count bytes (bool masks).
+    """
+
+    act_hidden: float = 5.0  # per b*s*h: Q, K, V and the two LayerNorm inputs of a layer
+    act_intermediate: float = 1.0  # per b*s*i: the GeLU input of a (non-gated) FFN
+    act_intermediate_gated: float = 3.0  # per b*s*i: gate, up and SiLU(gate) of a SwiGLU FFN
+    act_attn: float = 2.0  # per b*a*s^2: softmax output and attention-dropout output (eager attention)
+    act_norm_stats: float = 4.0  # per b*s: mean and rstd of the two LayerNorms
+    mask_hidden: float = 2.0  # bytes per b*s*h: dropout masks after attention and after the FFN
+    mask_attn: float = 1.0  # bytes per b*a*s^2: attention-probability dropout mask
+    act_lora_input: float = 1.0  # per b*s*in of each adapted projection: its LoRA-dropout output
+    mask_lora_input: float = 1.0  # bytes per b*s*in of each adapted projection: that dropout's mask
+    act_lora_rank: float = 1.0  # per b*s*r of each adapted projection: lora_A output kept for lora_B
+    workspace_layers: float = 1.0  # transient tensors, in units of one layer's saved activations
+    workspace_bytes: float = 0.0  # fixed allowance: cuBLAS workspace, allocator slack (CUDA context excluded)
+    adapter_bytes: int = 4  # bytes per LoRA parameter, gradient and optimizer moment (PEFT keeps them fp32)
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """One training step: ``batch`` sequences of ``seq_len`` tokens, frozen weights and activations in
+    ``dtype_bytes`` (4 = fp32)."""
+
+    batch: int
+    seq_len: int
+    dtype_bytes: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "seq_len", "dtype_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainShape.{name}={value!r} is invalid: expected a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a transformer that the memory model needs.
+
+    Attributes
+    ----------
+    num_layers, hidden, intermediate, num_heads, vocab, max_positions : int
+        As in a transformers config (``intermediate`` is the FFN width).
+    lora_targets_per_layer : tuple of (in_features, out_features)
+        Each projection of a layer that can carry LoRA, e.g. BERT query and value: ``((h, h), (h, h))``.
+    target_names : tuple of str
+        Their module names (``("query", "value")``); default ``target0``, ``target1``, ...
+    num_kv_heads, head_dim : int or None
+        Grouped-query attention (LLaMA); None means ``num_heads`` and ``hidden // num_heads``.
+    type_vocab : int
+        Token-type embedding rows (BERT 2, RoBERTa 1, others 0).
+    pooler : bool
+        Whether the backbone holds a dense pooler (``h*h + h``): ``AutoModel`` builds one for BERT/RoBERTa.
+    learned_positions : bool
+        Position embedding table (False for rotary embeddings).
+    gated_ffn, attn_bias, mlp_bias, rms_norm : bool
+        LLaMA-style blocks: SwiGLU FFN (3 matrices), bias-free projections, RMSNorm (weight only).
+    """
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    vocab: int
+    max_positions: int
+    lora_targets_per_layer: tuple[Target, ...]
+    target_names: tuple[str, ...] = ()
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    type_vocab: int = 0
+    pooler: bool = False
+    learned_positions: bool = True
+    gated_ffn: bool = False
+    attn_bias: bool = True
+    mlp_bias: bool = True
+    rms_norm: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden", "intermediate", "num_heads", "vocab", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelShape.{name}={value!r} is invalid: expected a positive integer")
+        targets = tuple((int(i), int(o)) for i, o in self.lora_targets_per_layer)
+        if not targets or any(i < 1 or o < 1 for i, o in targets):
+            raise ValueError(f"lora_targets_per_layer={targets!r} is invalid: expected (in, out) pairs of sizes >= 1")
+        names = tuple(self.target_names) or tuple(f"target{j}" for j in range(len(targets)))
+        if len(names) != len(targets) or len(set(names)) != len(names):
+            raise ValueError(f"target_names={names!r} must name each of the {len(targets)} targets once")
+        # Frozen dataclass: normalise lists to tuples once, here.
+        object.__setattr__(self, "lora_targets_per_layer", targets)
+        object.__setattr__(self, "target_names", names)
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection (``num_heads * head_dim``)."""
+        return self.num_heads * (self.head_dim or self.hidden // self.num_heads)
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key and value projections (smaller than ``q_dim`` with grouped-query attention)."""
+        return (self.num_kv_heads or self.num_heads) * (self.head_dim or self.hidden // self.num_heads)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, object], targets: Sequence[str | Target]) -> ModelShape:
+        """Read a transformers config given as a dict (``config.to_dict()`` or a parsed config.json).
+
+        Parameters
+        ----------
+        config : mapping
+            Keys of any supported family: hidden_size/dim/n_embd, num_hidden_layers/n_layers/n_layer,
+            intermediate_size/hidden_dim/n_inner (None means 4*hidden), num_attention_heads/n_heads/n_head,
+            vocab_size, max_position_embeddings/n_positions. ``model_type`` and ``rms_norm_eps`` select
+            the BERT-, GPT-2- or LLaMA-style block; ``bert`` and ``roberta`` get the pooler that
+            ``AutoModel`` builds. Exact against transformers for BERT, RoBERTa, DistilBERT, GPT-2 and
+            LLaMA; Qwen2 is over-counted by its missing o_proj bias (h per layer, 4e-5 of Qwen2.5-0.5B).
+        targets : sequence of str or (in, out)
+            LoRA target module names (``query``, ``q_lin``, ``c_attn``, ``q_proj``, ...; a dotted suffix
+            such as ``attention.self.query`` works) or explicit ``(in_features, out_features)`` pairs.
+
+        Returns
+        -------
+        ModelShape
+        """
+        family = str(config.get("model_type") or "").lower()
+        llama_like = family in _LLAMA_LIKE or "rms_norm_eps" in config
+        hidden = _key(config, "hidden_size", "dim", "n_embd")
+        heads = _key(config, "num_attention_heads", "n_heads", "n_head")
+        shape = {
+            "num_layers": _key(config, "num_hidden_layers", "n_layers", "n_layer"),
+            "hidden": hidden,
+            "intermediate": _key(config, "intermediate_size", "hidden_dim", "n_inner", default=4 * hidden),
+            "num_heads": heads,
+            "vocab": _key(config, "vocab_size"),
+            "max_positions": _key(config, "max_position_embeddings", "n_positions"),
+            "num_kv_heads": config.get("num_key_value_heads") or None,
+            "head_dim": config.get("head_dim") or None,
+            "type_vocab": int(config.get("type_vocab_size") or 0),
+            "pooler": family in ("bert", "roberta"),
+            "learned_positions": not llama_like,
+            "gated_ffn": llama_like,
+            "attn_bias": bool(config.get("attention_bias", family == "qwen2")) if llama_like else True,
+            "mlp_bias": bool(config.get("mlp_bias", False)) if llama_like else True,
+            "rms_norm": llama_like,
+        }
+        names = tuple(t if isinstance(t, str) else f"target{j}" for j, t in enumerate(targets))
+        probe = cls(**shape, lora_targets_per_layer=((1, 1),))  # only to size the named targets
+        pairs = tuple(_target_shape(probe, t) for t in targets)
+        return cls(**shape, lora_targets_per_layer=pairs, target_names=names)
+
+    def frozen_param_count(self) -> int:
+        """Parameters of the backbone (no task head): embeddings, layers, norms, pooler.
+
+        BERT per layer: attention ``4h^2 + 4h``, FFN ``2hi + i + h``, two LayerNorms ``2 * 2h``.
+
+        Returns
+        -------
+        int
+        """
+        h, i = self.hidden, self.intermediate
+        embed = self.vocab * h + self.type_vocab * h + (self.max_positions * h if self.learned_positions else 0)
+        attn = 2 * h * self.q_dim + 2 * h * self.kv_dim + (self.q_dim + 2 * self.kv_dim + h) * self.attn_bias
+        ffn = (3 if self.gated_ffn else 2) * h * i + ((2 * i if self.gated_ffn else i) + h) * self.mlp_bias
+        # Two norms per layer plus one outside (embedding LayerNorm in BERT, final norm in GPT-2/LLaMA).
+        norms = (2 * self.num_layers + 1) * (h if self.rms_norm else 2 * h)
+        pooler = h * h + h if self.pooler else 0
+        return embed + self.num_layers * (attn + ffn) + norms + pooler
+
+
+def predict_peak_bytes(
+    model: ModelShape,
+    train: TrainShape,
+    ranks_per_layer: RankSpec,
+    optimizer: str = "adamw",
+    calibration: Calibration | None = None,
+) -> dict[str, int]:
+    """Predicted peak memory of one LoRA training step, by component.
+
+    Parameters
+    ----------
+    model : ModelShape
+        Sizes of the transformer.
+    train : TrainShape
+        Batch, sequence length and dtype of the step.
+    ranks_per_layer : sequence, one entry per layer
+        An int (the same rank for every target of the layer), a sequence of ints (one per target) or a
+        mapping target name -> rank (missing targets get 0). Rank 0 means no adapter.
+    optimizer : str
+        ``adamw``, ``adam``, ``sgd`` or ``sgd-momentum``.
+    calibration : Calibration, optional
+        Activation and workspace constants; defaults to ``Calibration()``.
+
+    Returns
+    -------
+    dict[str, int]
+        Bytes of frozen_weights, lora_params, lora_grads, optimizer_state, activations, workspace, and total.
+    """
+    cal = calibration or Calibration()
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZER_STATES)}")
+    if model.learned_positions and train.seq_len > model.max_positions:
+        raise ValueError(f"seq_len {train.seq_len} exceeds the model's max_positions {model.max_positions}")
+    ranks = _per_target_ranks(model, ranks_per_layer)
+    lora = sum(r * (i + o) for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True))
+    adapted = [layer_index for layer_index, layer in enumerate(ranks) if any(layer)]
+    stored_layers = model.num_layers - adapted[0] if adapted else 0
+    per_layer = _layer_activation_bytes(model, train, cal)
+    lora_acts = sum(
+        _lora_activation_bytes(train, cal, i, r)
+        for layer in ranks
+        for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
+        if r
+    )
+    parts = {
+        "frozen_weights": model.frozen_param_count() * train.dtype_bytes,
+        "lora_params": lora * cal.adapter_bytes,
+        "lora_grads": lora * cal.adapter_bytes,
+        "optimizer_state": OPTIMIZER_STATES[optimizer] * lora * cal.adapter_bytes,
+        "activations": stored_layers * per_layer + lora_acts,
+        "workspace": round(cal.workspace_bytes + cal.workspace_layers * per_layer),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _layer_activation_bytes(model: ModelShape, train: TrainShape, cal: Calibration) -> int:
+    """Bytes one layer keeps for backward when a gradient has to flow through it (adapters excluded)."""
+    b, s, d = train.batch, train.seq_len, train.dtype_bytes
+    tokens, scores = b * s, b * model.num_heads * s * s
+    inter = cal.act_intermediate_gated if model.gated_ffn else cal.act_intermediate
+    elements = cal.act_hidden * tokens * model.hidden + inter * tokens * model.intermediate + cal.act_attn * scores
+    masks = cal.mask_hidden * tokens * model.hidden + cal.mask_attn * scores
+    return round(d * (elements + cal.act_norm_stats * tokens) + masks)
+
+
+def _lora_activation_bytes(train: TrainShape, cal: Calibration, in_features: int, rank: int) -> int:
+    """Bytes one adapted projection keeps for backward: its LoRA-dropout input and the lora_A output."""
+    tokens, d = train.batch * train.seq_len, train.dtype_bytes
+    return round(tokens * (in_features * (d * cal.act_lora_input + cal.mask_lora_input) + d * cal.act_lora_rank * rank))
+
+
+@dataclass(frozen=True)
+class RankAllocation:
+    """Per-layer LoRA ranks chosen under a memory budget.
+
+    Attributes
+    ----------
+    ranks : list of int
+        One rank per layer, the same for every adapted projection of the layer; 0 = no adapter.
+    predicted : dict[str, int]
+        :func:`predict_peak_bytes` breakdown for these ranks.
+    budget_bytes : int
+        The budget the allocation had to fit.
+    binding : bool
+        True when some layer with positive importance stayed below the top rank because its next rank
+        would not fit the budget.
+    importance : list of float
+        The layer importances used.
+    """
+
+    ranks: list[int]
+    predicted: dict[str, int]
+    budget_bytes: int
+    binding: bool
+    importance: list[float]
+
+    @property
+    def objective(self) -> float:
+        """The maximised quantity: sum over layers of importance x rank."""
+        return _objective(self.importance, self.ranks)
+
+    @property
+    def excluded_layers(self) -> list[int]:
+        """Layers with rank 0: PEFT must leave them out (``LoraConfig`` accepts no rank 0)."""
+        return [layer for layer, r in enumerate(self.ranks) if r == 0]
+
+    @property
+    def layers_to_transform(self) -> list[int]:
+        """Layers with an adapter, for ``LoraConfig(layers_to_transform=..., layers_pattern=...)``."""
+        return [layer for layer, r in enumerate(self.ranks) if r > 0]
+
+    def rank_pattern(self, module_names_per_layer: Sequence[Sequence[str]]) -> dict[str, int]:
+        """The ``rank_pattern`` dict of PEFT's ``LoraConfig`` for the adapted layers.
+
+        PEFT matches each key ``k`` as the regex ``(.*\\.)?(k)$`` against full module names, so a suffix
+        such as ``layer.3.attention.self.query`` selects ``...encoder.layer.3.attention.self.query`` and not
+        ``layer.13`` (the prefix has to end at a dot). Layers of rank 0 get no key: exclude them with
+        :attr:`layers_to_transform` or PEFT's ``exclude_modules``.
+
+        Parameters
+        ----------
+        module_names_per_layer : sequence of sequence of str
+            For each layer, the names (or suffixes) of its adapted modules.
+
+        Returns
+        -------
+        dict[str, int]
+            Module name pattern -> rank.
+        """
+        if len(module_names_per_layer) != len(self.ranks):
+            raise ValueError(f"got module names for {len(module_names_per_layer)} layers: expected {len(self.ranks)}")
+        return {name: r for names, r in zip(module_names_per_layer, self.ranks, strict=True) if r for name in names}
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict, with the excluded layers and the objective."""
+        data = asdict(self)
+        data.update(excluded_layers=self.excluded_layers, objective=self.objective)
+        return data
+
+
+def allocate_ranks(
+    model: ModelShape,
+    train: TrainShape,
+    budget_bytes: float | str,
+    importance: Sequence[float],
+    candidate_ranks: Sequence[int] = DEFAULT_CANDIDATE_RANKS,
+    max_rank: int | None = None,
+    calibration: Calibration | None = None,
+    optimizer: str = "adamw",
+) -> RankAllocation:
+    """Choose one LoRA rank per layer to maximise sum(importance_l * rank_l) with predicted peak <= budget.
+
+    Costs are lopsided: adapting a new, shallower layer makes every layer above it keep activations (tens
+    of MB for MiniLM at batch 16 x 128 tokens), while one more rank costs kilobytes. A plain greedy that
+    raises one layer to its next rank by best gain per byte judges that first step myopically: it gave
+    e.g. ``[0, 0, 32, 16, 0, 0]`` where ``[0, 0, 0, 32, 32, 32]`` fits, and lower objectives for larger
+    budgets. So the greedy runs on a budget-independent candidate set, then spends what is left:
+
+    1. Candidates: greedy paths from "no LoRA" that repeatedly take the upgrade with the best marginal
+       gain per byte, ``importance * delta_rank / delta_bytes``, where an upgrade raises one layer to any
+       higher candidate rank (a jump pays the layer's fixed cost once). One path is free; one per layer
+       ``f`` first adapts ``f`` and then only upgrades layers above it ("adapt from depth f up"). Every
+       state on a path, intermediate ranks of jumps included, is a candidate.
+    2. The candidate with the highest objective that fits the budget (ties: the cheaper one). The set does
+       not depend on the budget, so this objective never decreases as the budget grows.
+    3. A final pass spends the leftover: layers in decreasing importance are raised to the highest
+       candidate rank that still fits. It only adds; that the final objective never decreases with the
+       budget is checked on sweeps (13,500 budgets and importances, no decrease), not proven.
+
+    Layers of importance 0 stay at 0. A heuristic: against brute force (6 layers, 7 ranks, random
+    importances, 1,812 budgets) it reached the optimum within 0.01% on average, 13% in the worst case.
+
+    Parameters
+    ----------
+    model : ModelShape
+        Sizes of the transformer.
+    train : TrainShape
+        Batch, sequence length and dtype of the step.
+    budget_bytes : float or str
+        Bytes, or a size such as ``"4GB"`` (see :func:`parse_size`).
+    importance : sequence of float
+        One non-negative weight per layer.
+    candidate_ranks : sequence of int
+        Ranks a layer may take (0, no adapter, is always allowed); those above the cap are dropped.
+    max_rank : int, optional
+        Cap on the rank; at most min(in, out) of every target (the default cap).
+    calibration : Calibration, optional
+        Activation and workspace constants; defaults to ``Calibration()``.
+    optimizer : str
+        As in :func:`predict_peak_bytes`.
+
+    Returns
+    -------
+    RankAllocation
+    """
+    budget = int(parse_size(budget_bytes) if isinstance(budget_bytes, str) else budget_bytes)
+    weights = _check_importance(importance, model.num_layers)
+    ladder = _rank_ladder(model, candidate_ranks, max_rank)
+    costs = _Costs(model, train, calibration or Calibration(), optimizer, ladder)
+    floor = costs.total([0] * model.num_layers)
+    if floor > budget:
+        raise ValueError(f"budget {format_size(budget)} is below the {format_size(floor)} needed with no LoRA at all")
+    fitting = [c for c in _candidates(weights, ladder, costs) if costs.total(c) <= budget]
+    best = max(fitting, key=lambda c: (_objective(weights, c), -costs.total(c)))
+    ranks = _spend_leftover(list(best), weights, ladder, budget, costs)
+    binding = any(
+        w > 0 and r < ladder[-1] and costs.total(_with(ranks, layer, _next_rank(ladder, r))) > budget
+        for layer, (w, r) in enumerate(zip(weights, ranks, strict=True))
+    )
+    predicted = predict_peak_bytes(model, train, ranks, optimizer, calibration)
+    return RankAllocation(ranks, predicted, budget, binding, weights)
+
+
+class _Costs:
+    """Predicted total bytes of per-layer ranks, in O(layers), equal to :func:`predict_peak_bytes`."""
+
+    def __init__(self, model: ModelShape, train: TrainShape, cal: Calibration, optimizer: str, ladder: list[int]):
+        self.num_layers = model.num_layers
+        self.per_layer = _layer_activation_bytes(model, train, cal)
+        self.base = predict_peak_bytes(model, train, [0] * model.num_layers, optimizer, cal)["total"]
+        # The cost of a rank in one layer, read off the full model: adapt only the top layer (which then
+        # keeps its own activations) and subtract those.
+        top_only = [[0] * (model.num_layers - 1) + [r] for r in ladder[1:]]
+        self.layer_cost = {0: 0} | {
+            spec[-1]: predict_peak_bytes(model, train, spec, optimizer, cal)["total"] - self.base - self.per_layer
+            for spec in top_only
+        }
+
+    def total(self, ranks: Sequence[int]) -> int:
+        first = next((layer for layer, r in enumerate(ranks) if r), self.num_layers)
+        return self.base + (self.num_layers - first) * self.per_layer + sum(self.layer_cost[r] for r in ranks)
+
+    def delta(self, ranks: Sequence[int], first: int, layer: int, rank: int) -> int:
+        """Extra bytes of raising ``layer`` to ``rank``, where ``first`` is the first adapted layer (or L)."""
+        stored = (first - layer) * self.per_layer if layer < first else 0
+        return self.layer_cost[rank] - self.layer_cost[ranks[layer]] + stored
+
+
+def _candidates(weights: list[float], ladder: list[int], costs: _Costs) -> list[tuple[int, ...]]:
+    """Budget-independent allocations: the states of greedy paths (see :func:`allocate_ranks`)."""
+    n = len(weights)
+    found: dict[tuple[int, ...], None] = {(0,) * n: None}  # an ordered set: deterministic ties
+    for start in [None, *(f for f in range(n) if weights[f] > 0)]:
+        ranks = [0] * n
+        if start is not None:
+            for r in ladder[1:]:
+                ranks[start] = r
+                found[tuple(ranks)] = None
+        allowed = [layer for layer in range(start or 0, n) if weights[layer] > 0]
+        found.update(dict.fromkeys(_greedy_path(ranks, allowed, weights, ladder, costs)))
+    return list(found)
+
+
+def _greedy_path(
+    ranks: list[int], allowed: list[int], weights: list[float], ladder: list[int], costs: _Costs
+) -> list[tuple[int, ...]]:
+    ranks, path = list(ranks), []
+    first = next((layer for layer, r in enumerate(ranks) if r), len(ranks))
+    while True:
+        best: tuple[tuple[float, int, float, int], int, int] | None = None  # (key, layer, rank)
+        for layer in allowed:
+            for r in ladder:
+                if r <= ranks[layer]:
+                    continue
+                cost = costs.delta(ranks, first, layer, r)
+                gain = weights[layer] * (r - ranks[layer])
+                key = (gain / cost, -cost, weights[layer], -layer)  # ties: cheaper, more important, shallower
+                if best is None or key > best[0]:
+                    best = (key, layer, r)
+        if best is None:
+            return path
+        _, layer, rank = best
+        for r in ladder:
+            if ranks[layer] < r <= rank:  # the intermediate ranks of a jump are candidates too
+                path.append(tuple(_with(ranks, layer, r)))
+        ranks[layer], first = rank, min(first, layer)
+
+
+def _spend_leftover(ranks: list[int], weights: list[float], ladder: list[int], budget: int, costs: _Costs) -> list[int]:
+    # One pass suffices: raising a layer only shrinks what is left for the layers already visited.
+    for layer in sorted(range(len(ranks)), key=lambda layer: (-weights[layer], layer)):
+        if weights[layer] <= 0:
+            continue
+        for r in reversed(ladder):
+            if r <= ranks[layer]:
+                break
+            if costs.total(_with(ranks, layer, r)) <= budget:
+                ranks[layer] = r
+                break
+    return ranks
+
+
+def _objective(weights: Sequence[float], ranks: Sequence[int]) -> float:
+    return sum(w * r for w, r in zip(weights, ranks, strict=True))
+
+
+def _with(ranks: Sequence[int], layer: int, rank: int) -> list[int]:
+    out = list(ranks)
+    out[layer] = rank
+    return out
+
+
+def _next_rank(ladder: list[int], rank: int) -> int:
+    return next(r for r in ladder if r > rank)
+
+
+def _check_importance(importance: Sequence[float], num_layers: int) -> list[float]:
+    weights = [float(w) for w in importance]
+    if len(weights) != num_layers:
+        raise ValueError(f"importance has {len(weights)} values: expected one per layer ({num_layers})")
+    bad = [w for w in weights if not w >= 0 or w == float("inf")]
+    if bad:
+        raise ValueError(f"importance {bad[0]} is invalid: expected finite values >= 0")
+    return weights
+
+
+def _rank_ladder(model: ModelShape, candidate_ranks: Sequence[int], max_rank: int | None) -> list[int]:
+    """Sorted allowed ranks, starting at 0, capped by max_rank and by every target's min(in, out)."""
+    limit = min(min(i, o) for i, o in model.lora_targets_per_layer)
+    if max_rank is not None and not 0 <= max_rank <= limit:
+        raise ValueError(f"max_rank {max_rank} is invalid: expected 0 <= max_rank <= min(in, out) = {limit}")
+    if any(int(r) != r or r < 0 for r in candidate_ranks):
+        raise ValueError(f"candidate_ranks {tuple(candidate_ranks)} is invalid: expected integers >= 0")
+    cap = limit if max_rank is None else max_rank
+    ladder = sorted({0, *(int(r) for r in candidate_ranks if r <= cap)})
+    if len(ladder) < 2 and cap > 0:
+        raise ValueError(f"no candidate rank in {tuple(candidate_ranks)} lies in 1..{cap}: nothing to allocate")
+    return ladder
+
+
+def _per_target_ranks(model: ModelShape, ranks_per_layer: RankSpec) -> list[tuple[int, ...]]:
+    if len(ranks_per_layer) != model.num_layers:
+        raise ValueError(
+            f"ranks_per_layer has {len(ranks_per_layer)} entries: expected one per layer ({model.num_layers})"
+        )
+    names, targets = model.target_names, model.lora_targets_per_layer
+    out = []
+    for layer, spec in enumerate(ranks_per_layer):
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - set(names)
+            if unknown:
+                raise ValueError(f"layer {layer} names unknown targets {sorted(unknown)}: expected {list(names)}")
+            ranks = tuple(int(spec.get(name, 0)) for name in names)
+        elif isinstance(spec, Sequence):
+            if len(spec) != len(targets):
+                raise ValueError(f"layer {layer} has {len(spec)} ranks: expected one per target ({len(targets)})")
+            ranks = tuple(int(r) for r in spec)
+        else:
+            ranks = (int(spec),) * len(targets)
+        for r, name, (i, o) in zip(ranks, names, targets, strict=True):
+            if not 0 <= r <= min(i, o):
+                raise ValueError(f"rank {r} of target {name!r} in layer {layer} is invalid: expected 0..{min(i, o)}")
+        out.append(ranks)
+    return out
+
+
+def _target_shape(model: ModelShape, target: str | Target) -> Target:
+    if not isinstance(target, str):
+        i, o = target
+        return int(i), int(o)
+    h, i, q, kv = model.hidden, model.intermediate, model.q_dim, model.kv_dim
+    shapes = {
+        **dict.fromkeys(("query", "q_lin", "q_proj"), (h, q)),
+        **dict.fromkeys(("key", "value", "k_lin", "v_lin", "k_proj", "v_proj"), (h, kv)),
+        **dict.fromkeys(("out_lin", "o_proj"), (q, h)),
+        **dict.fromkeys(("lin1", "c_fc", "gate_proj", "up_proj"), (h, i)),
+        **dict.fromkeys(("lin2", "down_proj"), (i, h)),
+        "c_attn": (h, q + 2 * kv),
+    }
+    name = target.rsplit(".", 1)[-1]
+    if name not in shapes:
+        raise ValueError(f"unknown LoRA target {target!r}: expected one of {', '.join(shapes)} or an (in, out) pair")
+    return shapes[name]
+
+
+def _key(config: Mapping[str, object], *keys: str, default: int | None = None) -> int:
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    if default is None:
+        raise ValueError(f"config has none of the keys {', '.join(keys)}: cannot size the model")
+    return default
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A simulated device: a name and the memory a client may use for training, in bytes."""
+
+    name: str
+    memory_bytes: int
+
+
+def profile_for(
+    partition_id: int, tiers: Sequence[str] = ("2GB", "4GB", "8GB", "16GB"), scale: float = 1.0
+) -> DeviceProfile:
+    """The device tier of a client: tiers cycle with the partition id, memory multiplied by ``scale``.
+
+    A ``scale`` below 1 shrinks every tier so that a small model (MiniLM needs about 0.1 GB) still meets
+    a binding budget.
+
+    Parameters
+    ----------
+    partition_id : int
+        Client's partition (>= 0).
+    tiers : sequence of str
+        Sizes such as ``"4GB"``.
+    scale : float
+        Positive factor applied to every tier.
+
+    Returns
+    -------
+    DeviceProfile
+    """
+    if not isinstance(partition_id, int) or partition_id < 0:
+        raise ValueError(f"partition_id {partition_id!r} is invalid: expected an integer >= 0")
+    if not tiers:
+        raise ValueError("tiers is empty: expected at least one size such as '4GB'")
+    if not scale > 0:
+        raise ValueError(f"scale {scale!r} is invalid: expected a number > 0")
+    tier = tiers[partition_id % len(tiers)]
+    name = tier if scale == 1 else f"{tier}x{scale:g}"
+    return DeviceProfile(name, int(parse_size(tier) * scale))
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``"1.5GB"``: GB = 1e9, GiB = 2**30 (also B, KB, MB, TB, KiB, MiB, TiB).
+
+    Parameters
+    ----------
+    text : str
+        A non-negative number followed by a unit (case-insensitive, spaces allowed).
+
+    Returns
+    -------
+    int
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]+)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if unit not in _UNITS:
+        raise ValueError(f"size {text!r} is invalid: expected a number and a unit (GB, GiB, MB, MiB, KB, KiB, B, TB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(num_bytes: float) -> str:
+    """A short decimal size for messages: ``1.5 GB``, ``91 MB``, ``512 B``.
+
+    Parameters
+    ----------
+    num_bytes : float
+        A size in bytes.
+
+    Returns
+    -------
+    str
+    """
+    for unit in ("TB", "GB", "MB", "kB"):
+        scale = _UNITS[unit.upper()]
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.3g} {unit}"
+    return f"{num_bytes:.0f} B"

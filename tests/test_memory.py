@@ -1,0 +1,315 @@
+"""Peak-memory model of a LoRA step and the per-layer rank allocation under a budget (pure, fast)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import fields
+
+import pytest
+
+from strategies.memory import (
+    Calibration,
+    DeviceProfile,
+    ModelShape,
+    TrainShape,
+    _Costs,
+    allocate_ranks,
+    format_size,
+    parse_size,
+    predict_peak_bytes,
+    profile_for,
+)
+
+# Config dicts as in each model's config.json (keys that do not size the model trimmed).
+MINILM = {
+    "architectures": ["BertModel"],
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+    "model_type": "bert",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 6,
+    "type_vocab_size": 2,
+    "vocab_size": 30522,
+}
+DISTILBERT = {
+    "dim": 768,
+    "hidden_dim": 3072,
+    "max_position_embeddings": 512,
+    "model_type": "distilbert",
+    "n_heads": 12,
+    "n_layers": 6,
+    "vocab_size": 30522,
+}
+GPT2 = {
+    "model_type": "gpt2",
+    "n_ctx": 1024,
+    "n_embd": 768,
+    "n_head": 12,
+    "n_layer": 12,
+    "n_positions": 1024,
+    "vocab_size": 50257,
+}
+LLAMA_3_2_1B = {
+    "attention_bias": False,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "vocab_size": 128256,
+}
+MB = 10**6
+
+
+@pytest.fixture()
+def minilm() -> ModelShape:
+    return ModelShape.from_hf_config(MINILM, ["query", "value"])
+
+
+def _tiny(layers: int = 4) -> ModelShape:
+    return ModelShape(
+        num_layers=layers,
+        hidden=64,
+        intermediate=256,
+        num_heads=4,
+        vocab=100,
+        max_positions=64,
+        lora_targets_per_layer=[(64, 64), (64, 64)],
+        target_names=("query", "value"),
+    )
+
+
+def test_from_hf_config_bert_minilm(minilm: ModelShape) -> None:
+    assert (minilm.num_layers, minilm.hidden, minilm.intermediate, minilm.num_heads) == (6, 384, 1536, 12)
+    assert (minilm.vocab, minilm.max_positions, minilm.type_vocab, minilm.pooler) == (30522, 512, 2, True)
+    assert minilm.lora_targets_per_layer == ((384, 384), (384, 384))
+    assert minilm.target_names == ("query", "value")
+    # BertModel of all-MiniLM-L6-v2, pooler included (AutoModel builds it), counted with transformers.
+    assert minilm.frozen_param_count() == 22_713_216
+    assert predict_peak_bytes(minilm, TrainShape(1, 8), [0] * 6)["frozen_weights"] == 4 * 22_713_216
+
+
+@pytest.mark.parametrize(
+    ("config", "targets", "layers", "hidden", "intermediate", "heads", "pairs", "params"),
+    [
+        (DISTILBERT, ["q_lin", "v_lin"], 6, 768, 3072, 12, ((768, 768), (768, 768)), 66_362_880),
+        (GPT2, ["c_attn"], 12, 768, 3072, 12, ((768, 2304),), 124_439_808),
+        (GPT2 | {"n_inner": None}, ["c_attn"], 12, 768, 3072, 12, ((768, 2304),), 124_439_808),
+        (LLAMA_3_2_1B, ["q_proj", "v_proj"], 16, 2048, 8192, 32, ((2048, 2048), (2048, 512)), 1_235_814_400),
+    ],
+)
+def test_from_hf_config_other_families(
+    config: dict, targets: list, layers: int, hidden: int, intermediate: int, heads: int, pairs: tuple, params: int
+) -> None:
+    shape = ModelShape.from_hf_config(config, targets)
+    assert (shape.num_layers, shape.hidden, shape.intermediate, shape.num_heads) == (
+        layers,
+        hidden,
+        intermediate,
+        heads,
+    )
+    assert shape.lora_targets_per_layer == pairs
+    # Backbone parameter counts of DistilBertModel, GPT2Model and LlamaModel (Llama-3.2-1B, tied head).
+    assert shape.frozen_param_count() == params
+
+
+def test_from_hf_config_targets_by_suffix_or_shape() -> None:
+    shape = ModelShape.from_hf_config(MINILM, ["attention.self.query", (384, 1536)])
+    assert shape.lora_targets_per_layer == ((384, 384), (384, 1536))
+    assert shape.target_names == ("attention.self.query", "target1")
+    with pytest.raises(ValueError, match="unknown LoRA target 'dense'"):
+        ModelShape.from_hf_config(MINILM, ["dense"])
+    with pytest.raises(ValueError, match="none of the keys hidden_size, dim, n_embd"):
+        ModelShape.from_hf_config({"num_hidden_layers": 2}, ["query"])
+
+
+def test_breakdown_components(minilm: ModelShape) -> None:
+    parts = predict_peak_bytes(minilm, TrainShape(16, 128), [8] * 6)
+    lora = 6 * 2 * 8 * (384 + 384)
+    assert parts["lora_params"] == parts["lora_grads"] == 4 * lora
+    assert parts["optimizer_state"] == 2 * 4 * lora
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    sgd = predict_peak_bytes(minilm, TrainShape(16, 128), [8] * 6, optimizer="sgd")
+    assert sgd["optimizer_state"] == 0
+
+
+def test_frozen_layers_below_the_first_adapter_store_nothing(minilm: ModelShape) -> None:
+    train = TrainShape(16, 128)
+    top = predict_peak_bytes(minilm, train, [0, 0, 0, 0, 0, 8])["activations"]
+    # Adapting layer 0 only: every layer above it still keeps activations for the backward pass.
+    bottom = predict_peak_bytes(minilm, train, [8, 0, 0, 0, 0, 0])["activations"]
+    assert bottom > 5 * top
+    assert predict_peak_bytes(minilm, train, [0] * 6)["activations"] == 0
+
+
+def test_rank_specs_are_equivalent(minilm: ModelShape) -> None:
+    train = TrainShape(4, 64)
+    as_int = predict_peak_bytes(minilm, train, [0, 4, 4, 4, 4, 4])
+    as_list = predict_peak_bytes(minilm, train, [(0, 0)] + [(4, 4)] * 5)
+    as_dict = predict_peak_bytes(minilm, train, [{}] + [{"query": 4, "value": 4}] * 5)
+    assert as_int == as_list == as_dict
+
+
+def test_linear_in_batch_and_rank(minilm: ModelShape) -> None:
+    def total(batch: int, rank: int) -> int:
+        return predict_peak_bytes(minilm, TrainShape(batch, 128), [rank] * 6)["total"]
+
+    steps = [total(b, 8) for b in (1, 2, 3, 4)]
+    assert len({steps[i + 1] - steps[i] for i in range(3)}) == 1 and steps[1] > steps[0]
+    ranks = [total(8, r) for r in (2, 4, 6, 8)]
+    assert len({ranks[i + 1] - ranks[i] for i in range(3)}) == 1 and ranks[1] > ranks[0]
+
+
+def test_quadratic_in_seq_through_attention(minilm: ModelShape) -> None:
+    def second_difference(cal: Calibration) -> int:
+        t = [predict_peak_bytes(minilm, TrainShape(4, s), [8] * 6, calibration=cal)["total"] for s in (64, 128, 192)]
+        return t[2] - 2 * t[1] + t[0]
+
+    quadratic = second_difference(Calibration())
+    # The s^2 term is b * heads * s^2 * (dtype * act_attn + mask_attn) per storing layer (+1 workspace).
+    assert quadratic == 7 * 4 * 12 * 2 * 64**2 * (4 * 2 + 1)
+    assert abs(second_difference(Calibration(act_attn=0.0, mask_attn=0.0))) <= 2  # linear without it
+
+
+def test_allocation_respects_budget_and_is_monotone(minilm: ModelShape) -> None:
+    train = TrainShape(16, 128)
+    for seed in range(3):
+        rng = random.Random(seed)
+        importance = [rng.choice([0.0, 0.5, 1.0, 3.0]) * rng.random() for _ in range(6)]
+        previous = -1.0
+        for budget in range(150 * MB, 600 * MB, 10 * MB):
+            alloc = allocate_ranks(minilm, train, budget, importance)
+            assert alloc.predicted == predict_peak_bytes(minilm, train, alloc.ranks)
+            assert alloc.predicted["total"] <= budget == alloc.budget_bytes
+            assert alloc.objective >= previous
+            previous = alloc.objective
+
+
+def test_more_important_layers_get_higher_ranks(minilm: ModelShape) -> None:
+    # Realistic costs: importance growing with depth agrees with deeper layers being cheaper.
+    for budget in range(150 * MB, 600 * MB, 25 * MB):
+        ranks = allocate_ranks(minilm, TrainShape(16, 128), budget, [1, 2, 3, 4, 5, 6]).ranks
+        assert ranks == sorted(ranks)
+    # Without activations every layer costs the same per rank: ranks follow importance exactly.
+    flat = Calibration(**{f.name: 0.0 for f in fields(Calibration) if f.name.startswith(("act_", "mask_"))})
+    model, train = _tiny(), TrainShape(1, 4)
+    floor = predict_peak_bytes(model, train, [0] * 4, calibration=flat)["total"]
+    for importance in ([1, 2, 3, 4], [4, 1, 3, 2], [2, 4, 1, 3]):
+        for extra in range(0, 600_000, 20_000):
+            ranks = allocate_ranks(model, train, floor + extra, importance, calibration=flat).ranks
+            for i in range(4):
+                for j in range(4):
+                    assert importance[i] < importance[j] or ranks[i] >= ranks[j], (importance, extra, ranks)
+
+
+def test_a_very_important_shallow_layer_is_worth_its_activations(minilm: ModelShape) -> None:
+    alloc = allocate_ranks(minilm, TrainShape(16, 128), 600 * MB, [100, 0, 0, 0, 0, 0])
+    assert alloc.ranks == [32, 0, 0, 0, 0, 0]
+
+
+def test_binding(minilm: ModelShape) -> None:
+    train = TrainShape(16, 128)
+    tight = allocate_ranks(minilm, train, 250 * MB, [1] * 6)
+    assert tight.binding and 0 < sum(tight.ranks) < 6 * 32
+    huge = allocate_ranks(minilm, train, "1TB", [1] * 6)
+    assert not huge.binding and huge.ranks == [32] * 6
+    capped = allocate_ranks(minilm, train, "1TB", [1] * 6, max_rank=8)
+    assert not capped.binding and capped.ranks == [8] * 6
+    unused = allocate_ranks(minilm, train, "1TB", [0, 0, 1, 1, 1, 1])
+    assert unused.ranks == [0, 0, 32, 32, 32, 32] and not unused.binding
+
+
+def test_candidate_ranks_and_costs_agree_with_predict(minilm: ModelShape) -> None:
+    alloc = allocate_ranks(minilm, TrainShape(16, 128), "1TB", [1] * 6, candidate_ranks=(3, 12))
+    assert alloc.ranks == [12] * 6
+    ladder = [0, 1, 2, 4, 8, 16, 32]
+    costs = _Costs(minilm, TrainShape(16, 128), Calibration(), "adamw", ladder)
+    rng = random.Random(0)
+    for _ in range(50):
+        ranks = [rng.choice(ladder) for _ in range(6)]
+        assert costs.total(ranks) == predict_peak_bytes(minilm, TrainShape(16, 128), ranks)["total"]
+
+
+def test_rank_pattern_for_peft() -> None:
+    model = _tiny()
+    alloc = allocate_ranks(model, TrainShape(1, 4), "1TB", [0, 1, 2, 3])
+    names = [[f"layer.{i}.attention.self.{t}" for t in ("query", "value")] for i in range(4)]
+    pattern = alloc.rank_pattern(names)
+    assert alloc.ranks == [0, 32, 32, 32]
+    assert alloc.excluded_layers == [0] and alloc.layers_to_transform == [1, 2, 3]
+    assert pattern == {name: 32 for layer in names[1:] for name in layer}
+    # PEFT's matching rule (peft.utils.other.get_pattern_key): a key matches a dotted suffix of the name.
+    full = "base_model.model.encoder.layer.1.attention.self.query"
+    assert [k for k in pattern if re.match(rf"(.*\.)?({k})$", full)] == ["layer.1.attention.self.query"]
+    assert not any(re.match(rf"(.*\.)?({k})$", "encoder.layer.11.attention.self.query") for k in pattern)
+    data = json.loads(json.dumps(alloc.to_dict()))
+    assert data["excluded_layers"] == [0] and data["ranks"] == [0, 32, 32, 32]
+    with pytest.raises(ValueError, match="module names for 3 layers: expected 4"):
+        alloc.rank_pattern(names[:3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget_bytes": 120 * MB}, "budget 120 MB is below the 149 MB needed with no LoRA at all"),
+        ({"importance": [1.0] * 5}, r"importance has 5 values: expected one per layer \(6\)"),
+        ({"importance": [1, 1, -1, 1, 1, 1]}, "importance -1.0 is invalid: expected finite values >= 0"),
+        ({"importance": [1, 1, float("nan"), 1, 1, 1]}, "importance nan is invalid"),
+        ({"max_rank": 512}, r"max_rank 512 is invalid: expected 0 <= max_rank <= min\(in, out\) = 384"),
+        ({"candidate_ranks": (0, -4)}, "candidate_ranks .* expected integers >= 0"),
+        ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+    ],
+)
+def test_allocation_errors(minilm: ModelShape, kwargs: dict, match: str) -> None:
+    args = {"budget_bytes": "1GB", "importance": [1.0] * 6} | kwargs
+    with pytest.raises(ValueError, match=match):
+        allocate_ranks(minilm, TrainShape(16, 128), **args)
+
+
+def test_prediction_errors(minilm: ModelShape) -> None:
+    train = TrainShape(2, 16)
+    with pytest.raises(ValueError, match="rank 400 of target 'query' in layer 0 is invalid: expected 0..384"):
+        predict_peak_bytes(minilm, train, [400] + [0] * 5)
+    with pytest.raises(ValueError, match=r"ranks_per_layer has 2 entries: expected one per layer \(6\)"):
+        predict_peak_bytes(minilm, train, [1, 1])
+    with pytest.raises(ValueError, match=r"unknown targets \['key'\]"):
+        predict_peak_bytes(minilm, train, [{"key": 2}] * 6)
+    with pytest.raises(ValueError, match="seq_len 1024 exceeds the model's max_positions 512"):
+        predict_peak_bytes(minilm, TrainShape(1, 1024), [0] * 6)
+    with pytest.raises(ValueError, match="TrainShape.batch=0 is invalid"):
+        TrainShape(0, 16)
+    with pytest.raises(ValueError, match="lora_targets_per_layer"):
+        ModelShape(2, 8, 32, 2, 10, 16, lora_targets_per_layer=[])
+
+
+def test_parse_and_format_size() -> None:
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("100mb") == 100 * MB
+    for bad in ("1.5", "GB", "1.5 GBs", "-1GB", "1,5GB"):
+        with pytest.raises(ValueError, match="expected a number and a unit"):
+            parse_size(bad)
+    assert (format_size(1.5e9), format_size(90_852_864), format_size(512)) == ("1.5 GB", "90.9 MB", "512 B")
+
+
+def test_profile_for_cycles_tiers() -> None:
+    assert [profile_for(i).name for i in range(5)] == ["2GB", "4GB", "8GB", "16GB", "2GB"]
+    assert profile_for(1) == DeviceProfile("4GB", 4 * 10**9)
+    assert profile_for(1, scale=0.05) == DeviceProfile("4GBx0.05", 200 * MB)
+    assert profile_for(3, tiers=("1GiB",)).memory_bytes == 2**30
+    with pytest.raises(ValueError, match="partition_id -1 is invalid"):
+        profile_for(-1)
+    with pytest.raises(ValueError, match="scale 0 is invalid"):
+        profile_for(0, scale=0)
