@@ -55,7 +55,13 @@ def describe(message: Message, context: Context) -> Message:
     cfg, client_id = client_identity(context)
     data = client_data(cfg, client_id)
     record = ConfigRecord(
-        {"client-id": client_id, "task": data.task, "num-train": len(data.train), "num-eval": len(data.eval)}
+        {
+            "client-id": client_id,
+            "task": data.task,
+            "num-train": len(data.train),
+            "num-eval": len(data.eval),
+            "eval-digest": data.eval_digest,
+        }
     )
     return Message(RecordDict({"client": record}), reply_to=message)
 

@@ -7,6 +7,7 @@ spawns (the ServerApp, Ray and the ClientApp actors) can be stopped together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
+import psutil
 
 from atlas_flwr.errors import AtlasError
 
@@ -114,24 +116,28 @@ class LocalSuperLink(AbstractContextManager):
         return self
 
     def stop(self) -> None:
-        """SIGTERM the SuperLink's process group, then SIGKILL what is left after 10 s."""
+        """Stop the SuperLink and every process it spawned: SIGTERM, then SIGKILL after 10 s.
+
+        The simulation runtime starts in a session of its own, so the SuperLink's process
+        group alone does not hold it: the descendants are listed before anything is killed,
+        and each of their process groups is signalled too.
+        """
         if self.process is None:
             return
-        pgid = self.process.pid  # start_new_session makes it the group leader
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(pgid):
-                time.sleep(0.2)
-            if not _group_alive(pgid):
-                break
         try:
+            family = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        groups = {self.process.pid} | ({_pgid(p) for p in family} - {None, os.getpgid(0)})
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, sig)
+            _, alive = psutil.wait_procs(family, timeout=wait)
+            if not alive:
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         self.process = None
 
     def __exit__(self, *exc: object) -> None:
@@ -143,14 +149,11 @@ class LocalSuperLink(AbstractContextManager):
         return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, check=False)
 
 
-def _group_alive(pgid: int) -> bool:
+def _pgid(process: psutil.Process) -> int | None:
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return None
 
 
 def stream_flwr_run(

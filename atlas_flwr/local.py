@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,6 +18,7 @@ from atlas_flwr.data import (
     task_spec,
     tokenize,
 )
+from atlas_flwr.fingerprint import Fingerprint, FingerprintSettings, example_features, privatize
 from atlas_flwr.models.classifier import (
     LoraSettings,
     SequenceClassifier,
@@ -38,6 +40,14 @@ class ClientData:
     task: str
     train: datasets.Dataset
     eval: datasets.Dataset
+
+    @property
+    def eval_digest(self) -> str:
+        """A digest of the evaluation rows: clients with equal digests evaluate on the same data."""
+        digest = hashlib.sha256(self.task.encode())
+        for ids, label in zip(self.eval["input_ids"], self.eval["labels"], strict=True):
+            digest.update(np.asarray([*ids, -1, label], dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
 
 
 def lora_settings(cfg: Config) -> LoraSettings:
@@ -121,3 +131,15 @@ def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> di
     model = _loaded_model(cfg, data.task, adapter, head)
     loader = make_loader(data.eval, load_tokenizer(cfg.model), cfg.eval_batch_size, shuffle=False)
     return evaluate(model, loader, pick_device(cfg.device))
+
+
+def compute_fingerprint(cfg: Config, client_id: int, settings: FingerprintSettings) -> Fingerprint:
+    """The client's task fingerprint, from the run's initial model (same seed as the server's)."""
+    data = client_data(cfg, client_id)
+    model = new_model(cfg, data.task)
+    rows = data.train.select(range(min(settings.max_rows, len(data.train))))
+    batch_size = 1 if settings.kind == "lora-grad" else cfg.eval_batch_size
+    loader = make_loader(rows, load_tokenizer(cfg.model), batch_size, shuffle=False)
+    features, importance = example_features(model, loader, settings.kind, pick_device(cfg.device), settings.max_rows)
+    vector, epsilon = privatize(features, settings, noise_seed=seed_for(cfg.seed, client_id, 0, 1))
+    return Fingerprint(vector, importance, len(features), epsilon, settings.delta)

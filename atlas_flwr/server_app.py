@@ -75,6 +75,7 @@ def describe_clients(grid: Grid, cfg: Config) -> list[ClientInfo]:
                 task=str(record["task"]),
                 num_train=int(record["num-train"]),
                 num_eval=int(record["num-eval"]),
+                eval_digest=str(record.get("eval-digest", "")),
             )
         )
     ids = sorted(c.client_id for c in clients)
@@ -123,6 +124,23 @@ def _send(
     if not ok:
         raise AtlasError(f"round {server_round}: every client failed in '{kind}'; see the warnings above")
     return ok, {"bytes-sent": float(sent), "bytes-received": float(received), "failures": float(failures)}
+
+
+def evaluation_groups(
+    clients: Sequence[ClientInfo], strategy: GroupedAdapterAveraging
+) -> dict[ClientInfo, list[ClientInfo]]:
+    """Clients that would evaluate the same model on the same rows, keyed by the one that does.
+
+    Under FedAvg the clients of a task hold the same adapter, the same head and the same
+    validation rows, so their metrics are identical: one evaluation serves them all. Models
+    are the same object in the strategy's state; rows are the same by the describe digest.
+    """
+    groups: dict[tuple, list[ClientInfo]] = {}
+    for client in clients:
+        adapter, head = strategy.state_for(client)
+        key = (id(adapter), id(head), client.eval_digest or f"client-{client.client_id}")
+        groups.setdefault(key, []).append(client)
+    return {members[0]: members for members in groups.values()}
 
 
 def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State]) -> TrainReply:
@@ -221,9 +239,12 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         last_train.update({r.client.client_id: r.metrics for r in replies})
         train_metrics = strategy.aggregate_train(replies)
         t2 = time.perf_counter()
-        ok_eval, eval_io = _send(grid, clients, strategy, "evaluate", server_round)
-        for client, msg in ok_eval:
-            evals[client.client_id] = dict(msg.content.metric_records["metrics"])
+        shared = evaluation_groups(clients, strategy)
+        ok_eval, eval_io = _send(grid, list(shared), strategy, "evaluate", server_round)
+        for representative, msg in ok_eval:
+            metrics = {k: v for k, v in msg.content.metric_records["metrics"].items() if k != "client-id"}
+            for member in shared[representative]:
+                evals[member.client_id] = {**metrics, "evaluated-by": float(representative.client_id)}
         t3 = time.perf_counter()
         row: dict[str, Any] = {
             "round": server_round,

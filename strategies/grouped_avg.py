@@ -35,6 +35,7 @@ class ClientInfo:
     task: str
     num_train: int
     num_eval: int
+    eval_digest: str = ""  # equal digests: the same evaluation rows (empty: unknown)
 
 
 @dataclass

@@ -44,7 +44,8 @@ def _run(values: dict, num_nodes: int | None = None):
 def test_fedavg_run_trains_aggregates_and_writes_results(tiny_run_config: dict) -> None:
     cfg, grid, outcome = _run({**tiny_run_config, "run-name": "fed"})
     run_dir = outcome.run_dir
-    assert grid.messages_seen.count("train") == 2 * 4 and grid.messages_seen.count("evaluate") == 2 * 4
+    # Clients of a task share adapter, head and validation rows under FedAvg: one evaluation per task.
+    assert grid.messages_seen.count("train") == 2 * 4 and grid.messages_seen.count("evaluate") == 2 * 2
     rounds = json.loads((run_dir / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2]
     adapter, head = initial_state(cfg)
@@ -53,8 +54,8 @@ def test_fedavg_run_trains_aggregates_and_writes_results(tiny_run_config: dict) 
     assert per_message > raw  # the serialized arrays, with their headers and key names
     for r in rounds:
         assert r["failures"] == 0
-        # down: 4 train + 4 evaluate messages; up: 4 train replies (evaluate replies carry no arrays)
-        assert r["bytes-sent"] == 8 * per_message
+        # down: 4 train + 2 evaluate messages; up: 4 train replies (evaluate replies carry no arrays)
+        assert r["bytes-sent"] == 6 * per_message
         assert r["bytes-received"] == 4 * per_message
         for key in ("sst2-accuracy", "mrpc-f1", "train-loss"):
             assert np.isfinite(r[key])
@@ -62,18 +63,16 @@ def test_fedavg_run_trains_aggregates_and_writes_results(tiny_run_config: dict) 
         clients = list(csv.DictReader(fh))
     assert [c["task"] for c in clients] == ["sst2", "sst2", "mrpc", "mrpc"]
     assert all(0.0 <= float(c["accuracy"]) <= 1.0 and c["mcc"] != "" for c in clients)
+    assert [float(c["evaluated-by"]) for c in clients] == [0, 0, 2, 2]
+    assert clients[0]["accuracy"] == clients[1]["accuracy"] and clients[0]["loss"] == clients[1]["loss"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["bytes-sent-total"] == sum(r["bytes-sent"] for r in rounds)
     assert json.loads((run_dir / "config.json").read_text())["run-config"]["strategy"] == "fedavg"
 
 
-def _final_states(values: dict):
-    cfg, _grid, outcome = _run(values)
-    return cfg, outcome.strategy, outcome.run_dir
-
-
 def test_adapters_change_and_fedavg_shares_them(tiny_run_config: dict) -> None:
-    cfg, strategy, _ = _final_states(tiny_run_config)
+    cfg, _grid, outcome = _run(tiny_run_config)
+    strategy = outcome.strategy
     from strategies.grouped_avg import ClientInfo
 
     clients = [ClientInfo(i, 0, cfg.task_of(i)[0], 0, 0) for i in range(cfg.num_clients)]
@@ -88,7 +87,9 @@ def test_adapters_change_and_fedavg_shares_them(tiny_run_config: dict) -> None:
 
 
 def test_local_only_gives_each_client_its_own_adapter(tiny_run_config: dict) -> None:
-    cfg, strategy, _ = _final_states({**tiny_run_config, "strategy": "local-only"})
+    cfg, grid, outcome = _run({**tiny_run_config, "strategy": "local-only"})
+    strategy = outcome.strategy
+    assert grid.messages_seen.count("evaluate") == 2 * 4  # distinct models: every client evaluates
     from strategies.grouped_avg import ClientInfo
 
     adapters = [strategy.state_for(ClientInfo(i, 0, "", 0, 0))[0] for i in range(cfg.num_clients)]

@@ -72,3 +72,33 @@ def test_a_failed_serverapp_is_reported_as_failed(tmp_path: Path, glue_dir: str)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "finished:failed" in result.stderr
     assert _gone(_superlink_pid(result.stdout))
+
+
+def test_sigterm_mid_run_stops_every_process_it_started(tmp_path: Path, glue_dir: str) -> None:
+    import psutil
+
+    command = [
+        str(Path(sys.executable).with_name("atlas-run")),
+        "configs/smoke.toml",
+        "--set",
+        "num-server-rounds=100",
+        "--set",
+        f"output-dir={json.dumps(str(tmp_path / 'outputs'))}",
+        "--set",
+        f"data-dir={json.dumps(glue_dir)}",
+        "--app",
+        str(ROOT),
+    ]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "round 1/100" in line:
+            break
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert any("flwr-simulation" in " ".join(p.cmdline()) for p in family), "".join(seen)[-2000:]
+    proc.terminate()
+    proc.communicate(timeout=120)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]

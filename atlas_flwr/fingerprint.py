@@ -1,0 +1,178 @@
+"""Task fingerprints computed on a client: projected, clipped, optionally noised statistics.
+
+No raw row and no raw per-example gradient leaves the client. Each example gives a feature
+vector, which is projected to ``dim`` with a Gaussian matrix drawn from a seed every client
+shares, clipped to L2 norm ``clip``, and averaged; Gaussian noise of std
+``noise * 2 * clip / n`` on the mean (``noise`` times the mean's sensitivity when one row is
+replaced) makes the release (epsilon, delta)-DP per example.
+
+Two signals, both usable at round 0:
+
+``embedding``
+    The frozen model's mean-pooled sentence embedding ``e`` and its label-signed copy
+    ``(2y - 1) e``: the first says what the text looks like, the second which direction
+    separates the labels (the gradient of a zero-initialised probe head is proportional to it).
+``lora-grad``
+    Per-example gradients of the loss with respect to the LoRA ``B`` factors at
+    initialisation. ``A`` gradients are useless here: with ``B = 0`` they are exactly zero.
+
+Both also give a per-layer importance (mean squared LoRA-B gradient per layer), used to
+allocate ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from atlas_flwr.models.classifier import SequenceClassifier, pool
+
+FINGERPRINT_KINDS = ("embedding", "lora-grad")
+
+
+@dataclass(frozen=True)
+class FingerprintSettings:
+    """How a fingerprint is made; every client of a run uses the same settings."""
+
+    kind: str = "embedding"
+    dim: int = 64
+    clip: float = 1.0
+    noise: float = 0.0
+    delta: float = 1e-5
+    seed: int = 0
+    max_rows: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kind not in FINGERPRINT_KINDS:
+            raise ValueError(f"unknown fingerprint kind {self.kind!r}: expected one of {', '.join(FINGERPRINT_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a client sends: the private vector, per-layer importance, and its privacy cost."""
+
+    vector: np.ndarray
+    importance: np.ndarray
+    num_rows: int
+    epsilon: float
+    delta: float
+
+
+def projection(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
+    """The shared Johnson-Lindenstrauss matrix (in_dim x out_dim), N(0, 1/out_dim) entries."""
+    rng = np.random.default_rng([seed, in_dim, out_dim])
+    return rng.standard_normal((in_dim, out_dim), dtype=np.float32) / np.float32(np.sqrt(out_dim))
+
+
+def privatize(features: np.ndarray, settings: FingerprintSettings, noise_seed: int) -> tuple[np.ndarray, float]:
+    """Project, clip per row, average, add Gaussian noise; return the vector and its epsilon.
+
+    Parameters
+    ----------
+    features : ndarray
+        One row per example (n x D).
+    settings : FingerprintSettings
+        Projection dim and seed, clip norm, noise multiplier, delta.
+    noise_seed : int
+        Seed of this client's noise (must differ between clients).
+
+    Returns
+    -------
+    tuple
+        The fingerprint (``dim``,) and epsilon at ``settings.delta`` (inf without noise).
+    """
+    if features.ndim != 2 or len(features) == 0 or not np.isfinite(features).all():
+        raise ValueError(f"features must be a finite non-empty (n, D) array: got shape {features.shape}")
+    projected = features.astype(np.float32) @ projection(features.shape[1], settings.dim, settings.seed)
+    norms = np.linalg.norm(projected, axis=1, keepdims=True)
+    clipped = projected * np.minimum(1.0, settings.clip / np.maximum(norms, 1e-12))
+    mean = clipped.mean(axis=0)
+    n = len(features)
+    if settings.noise <= 0:
+        return mean, float("inf")
+    rng = np.random.default_rng(noise_seed)
+    sensitivity = 2.0 * settings.clip / n  # one row replaced moves the mean of clipped rows by at most this
+    mean = mean + rng.normal(0.0, settings.noise * sensitivity, size=mean.shape).astype(np.float32)
+    return mean, epsilon_of(settings.noise, n, settings.delta)
+
+
+def epsilon_of(noise: float, num_rows: int, delta: float) -> float:
+    """Epsilon of one Gaussian release with noise ``noise`` x sensitivity (Flower's RDP accountant).
+
+    The noise is already scaled to the replace-one sensitivity, so this is the plain Gaussian
+    mechanism: no sampling amplification (all ``num_rows`` rows are used), one release.
+    """
+    from flwr.serverapp import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=num_rows,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise, sample_size=num_rows, population_size=num_rows))
+    return float(accountant.get_epsilon(delta))
+
+
+def _lora_b_params(model: SequenceClassifier) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.backbone.named_parameters() if "lora_B" in n]
+
+
+def _layer_of(name: str) -> int:
+    # PEFT module names carry the block index right after "layer", "layers" or "h".
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layer", "layers", "h") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    raise ValueError(f"cannot find a layer index in parameter name {name!r}")
+
+
+def example_features(
+    model: SequenceClassifier, loader: DataLoader, kind: str, device: torch.device, max_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example feature rows for ``kind`` and the per-layer importance.
+
+    The loader must have batch size 1 for ``lora-grad`` (per-example gradients).
+    """
+    model.to(device).eval()  # no dropout: the fingerprint describes the data, not noise
+    b_params = _lora_b_params(model)
+    layers = sorted({_layer_of(n) for n, _ in b_params})
+    importance = np.zeros(len(layers))
+    rows: list[np.ndarray] = []
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            kwargs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            if "token_type_ids" in batch and model._accepts_token_types:
+                kwargs["token_type_ids"] = batch["token_type_ids"]
+            hidden = model.backbone(**kwargs).last_hidden_state
+            pooled = pool(hidden, batch["attention_mask"], model.pooling)
+            loss = loss_fn(model.head(pooled), labels)
+            loss.backward()
+        per_layer = np.zeros(len(layers))
+        for name, param in b_params:
+            per_layer[layers.index(_layer_of(name))] += float(param.grad.pow(2).sum())
+        importance += per_layer * len(labels)
+        if kind == "embedding":
+            signed = (2.0 * labels.float() - 1.0).unsqueeze(1)
+            rows.extend(torch.cat([pooled, signed * pooled], dim=1).detach().cpu().numpy())
+        else:
+            rows.append(torch.cat([p.grad.flatten() for _, p in b_params]).cpu().numpy())
+        if len(rows) >= max_rows:
+            break
+    model.zero_grad(set_to_none=True)
+    return np.stack(rows[:max_rows]), importance / max(len(rows), 1)
