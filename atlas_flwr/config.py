@@ -77,6 +77,7 @@ _RULES: dict[str, _Rule] = {
     "lora-dropout": _float_in(0.0, 0.9),
     "local-epochs": _int_at_least(1),
     "batch-size": _int_at_least(1),
+    "group-by-length": _Rule(bool, allowed="true or false"),
     "eval-batch-size": _int_at_least(1),
     "lr": _float_in(0.0, 1.0, open_low=True),
     "head-lr": _float_in(0.0, 1.0, open_low=True),
@@ -92,7 +93,7 @@ def _coerce(key: str, value: Any, rule: _Rule) -> Any:
     # TOML gives ints where a float is meant (lr = 1) and bools are ints in Python.
     if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, rule.kind):
+    if isinstance(value, bool) != (rule.kind is bool) or not isinstance(value, rule.kind):
         raise ConfigError(key, value, rule.allowed or f"a {rule.kind.__name__}")
     if not rule.check(value):
         raise ConfigError(key, value, rule.allowed)
@@ -120,6 +121,7 @@ class Config:
     lora_dropout: float
     local_epochs: int
     batch_size: int
+    group_by_length: bool
     eval_batch_size: int
     lr: float
     head_lr: float

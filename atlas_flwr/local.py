@@ -112,7 +112,14 @@ def run_train(
     model = _loaded_model(cfg, data.task, adapter, head)
     seed = seed_for(cfg.seed, client_id, server_round)
     torch.manual_seed(seed)  # LoRA dropout and head dropout
-    loader = make_loader(data.train, load_tokenizer(cfg.model), cfg.batch_size, shuffle=True, seed=seed)
+    loader = make_loader(
+        data.train,
+        load_tokenizer(cfg.model),
+        cfg.batch_size,
+        shuffle=True,
+        seed=seed,
+        group_by_length=cfg.group_by_length,
+    )
     result = train_local(
         model,
         loader,

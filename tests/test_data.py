@@ -105,3 +105,20 @@ def test_loader_order_depends_on_seed_only(glue_dir: str) -> None:
 
     assert order(5) == order(5)
     assert order(5) != order(6)
+
+
+def test_length_grouped_batches_pad_less_and_keep_every_row(glue_dir: str) -> None:
+    tokenizer = load_tokenizer("minilm-l6")
+    rows = client_partition("mrpc", 0, 1, data_dir=glue_dir, partitioner="iid", alpha=1.0, seed=0, max_samples=256)
+    enc = tokenize(rows, task_spec("mrpc"), tokenizer, 128)
+
+    def padded_tokens(grouped: bool, seed: int) -> tuple[int, list]:
+        batches = list(make_loader(enc, tokenizer, 16, shuffle=True, seed=seed, group_by_length=grouped))
+        first_ids = sorted(int(i) for b in batches for i in b["input_ids"][:, 1])
+        return sum(b["input_ids"].numel() for b in batches), first_ids
+
+    random_cost, random_rows = padded_tokens(False, 1)
+    grouped_cost, grouped_rows = padded_tokens(True, 1)
+    assert grouped_rows == random_rows  # same rows, another order
+    assert grouped_cost < 0.8 * random_cost
+    assert padded_tokens(True, 1) == padded_tokens(True, 1)
