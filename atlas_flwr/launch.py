@@ -175,11 +175,21 @@ def stream_flwr_run(
         command, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if run_id is None and (match := re.search(r"started run (\d+)", line)):
-                run_id = int(match.group(1))
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if run_id is None and (match := re.search(r"started run (\d+)", line)):
+                    run_id = int(match.group(1))
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): `flwr run --stream` streams until the run ends and
+            # leaving this block waits for it, so stop it first; then the SuperLink is stopped.
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         proc.wait()
     if run_id is None:
         raise AtlasError(f"flwr run did not start a run (exit code {proc.returncode}); see its output above")

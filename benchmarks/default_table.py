@@ -1,6 +1,6 @@
 """Print the README's results table from the committed default-experiment runs.
 
-    python benchmarks/default_table.py [benchmarks/results/default]
+python benchmarks/default_table.py [benchmarks/results/default]
 """
 
 from __future__ import annotations
