@@ -6,12 +6,18 @@ shares, clipped to L2 norm ``clip``, and averaged; Gaussian noise of std
 ``noise * 2 * clip / n`` on the mean (``noise`` times the mean's sensitivity when one row is
 replaced) makes the release (epsilon, delta)-DP per example.
 
-Two signals, both usable at round 0:
+Three signals, all usable at round 0:
 
 ``embedding``
-    The frozen model's mean-pooled sentence embedding ``e`` and its label-signed copy
-    ``(2y - 1) e``: the first says what the text looks like, the second which direction
-    separates the labels (the gradient of a zero-initialised probe head is proportional to it).
+    The frozen model's mean-pooled sentence embedding ``e``, averaged: what the client's text
+    looks like. It ignores labels, so label skew inside a task does not move it.
+``embedding-labels``
+    ``e`` and its label-signed copy
+    ``(2y - 1) e``, each row weighted by its inverse class frequency: the mean is then the
+    class-balanced mean (what the text looks like) and half the difference of the class means
+    (which direction separates the labels; a zero-initialised probe head's gradient points
+    there). Without the weights, clients of one task with different label mixes (Dirichlet
+    partitions) get different fingerprints.
 ``lora-grad``
     Per-example gradients of the loss with respect to the LoRA ``B`` factors at
     initialisation. ``A`` gradients are useless here: with ``B = 0`` they are exactly zero.
@@ -30,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from atlas_flwr.models.classifier import SequenceClassifier, pool
 
-FINGERPRINT_KINDS = ("embedding", "lora-grad")
+FINGERPRINT_KINDS = ("embedding", "embedding-labels", "lora-grad")
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,17 @@ def projection(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
     return rng.standard_normal((in_dim, out_dim), dtype=np.float32) / np.float32(np.sqrt(out_dim))
 
 
-def privatize(features: np.ndarray, settings: FingerprintSettings, noise_seed: int) -> tuple[np.ndarray, float]:
-    """Project, clip per row, average, add Gaussian noise; return the vector and its epsilon.
+def class_balance_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-row weights ``n / (K n_y)``: every class present counts the same in a weighted mean."""
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = dict(zip(classes.tolist(), (len(labels) / (len(classes) * counts)).tolist(), strict=True))
+    return np.array([per_class[y] for y in labels.tolist()])
+
+
+def privatize(
+    features: np.ndarray, settings: FingerprintSettings, noise_seed: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """Project, clip per row, take the (weighted) mean, add Gaussian noise; return it and its epsilon.
 
     Parameters
     ----------
@@ -78,6 +93,9 @@ def privatize(features: np.ndarray, settings: FingerprintSettings, noise_seed: i
         Projection dim and seed, clip norm, noise multiplier, delta.
     noise_seed : int
         Seed of this client's noise (must differ between clients).
+    weights : ndarray, optional
+        Per-row weights with mean 1 (e.g. :func:`class_balance_weights`); the largest one
+        scales the sensitivity.
 
     Returns
     -------
@@ -89,12 +107,14 @@ def privatize(features: np.ndarray, settings: FingerprintSettings, noise_seed: i
     projected = features.astype(np.float32) @ projection(features.shape[1], settings.dim, settings.seed)
     norms = np.linalg.norm(projected, axis=1, keepdims=True)
     clipped = projected * np.minimum(1.0, settings.clip / np.maximum(norms, 1e-12))
-    mean = clipped.mean(axis=0)
     n = len(features)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    mean = (w[:, None] * clipped).sum(axis=0).astype(np.float32) / np.float32(n)
     if settings.noise <= 0:
         return mean, float("inf")
     rng = np.random.default_rng(noise_seed)
-    sensitivity = 2.0 * settings.clip / n  # one row replaced moves the mean of clipped rows by at most this
+    # One row replaced moves the weighted mean of clipped rows by at most 2 * clip * max(w) / n.
+    sensitivity = 2.0 * settings.clip * float(w.max()) / n
     mean = mean + rng.normal(0.0, settings.noise * sensitivity, size=mean.shape).astype(np.float32)
     return mean, epsilon_of(settings.noise, n, settings.delta)
 
@@ -140,8 +160,8 @@ def _layer_of(name: str) -> int:
 
 def example_features(
     model: SequenceClassifier, loader: DataLoader, kind: str, device: torch.device, max_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example feature rows for ``kind`` and the per-layer importance.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-example feature rows for ``kind``, their labels, and the per-layer importance.
 
     The loader must have batch size 1 for ``lora-grad`` (per-example gradients).
     """
@@ -150,6 +170,7 @@ def example_features(
     layers = sorted({_layer_of(n) for n, _ in b_params})
     importance = np.zeros(len(layers))
     rows: list[np.ndarray] = []
+    row_labels: list[int] = []
     loss_fn = torch.nn.CrossEntropyLoss()
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -167,7 +188,10 @@ def example_features(
         for name, param in b_params:
             per_layer[layers.index(_layer_of(name))] += float(param.grad.pow(2).sum())
         importance += per_layer * len(labels)
+        row_labels.extend(labels.cpu().tolist())
         if kind == "embedding":
+            rows.extend(pooled.detach().cpu().numpy())
+        elif kind == "embedding-labels":
             signed = (2.0 * labels.float() - 1.0).unsqueeze(1)
             rows.extend(torch.cat([pooled, signed * pooled], dim=1).detach().cpu().numpy())
         else:
@@ -175,4 +199,4 @@ def example_features(
         if len(rows) >= max_rows:
             break
     model.zero_grad(set_to_none=True)
-    return np.stack(rows[:max_rows]), importance / max(len(rows), 1)
+    return np.stack(rows[:max_rows]), np.array(row_labels[:max_rows]), importance / max(len(rows), 1)

@@ -18,7 +18,13 @@ from atlas_flwr.data import (
     task_spec,
     tokenize,
 )
-from atlas_flwr.fingerprint import Fingerprint, FingerprintSettings, example_features, privatize
+from atlas_flwr.fingerprint import (
+    Fingerprint,
+    FingerprintSettings,
+    class_balance_weights,
+    example_features,
+    privatize,
+)
 from atlas_flwr.models.classifier import (
     LoraSettings,
     SequenceClassifier,
@@ -147,6 +153,9 @@ def compute_fingerprint(cfg: Config, client_id: int, settings: FingerprintSettin
     rows = data.train.select(range(min(settings.max_rows, len(data.train))))
     batch_size = 1 if settings.kind == "lora-grad" else cfg.eval_batch_size
     loader = make_loader(rows, load_tokenizer(cfg.model), batch_size, shuffle=False)
-    features, importance = example_features(model, loader, settings.kind, pick_device(cfg.device), settings.max_rows)
-    vector, epsilon = privatize(features, settings, noise_seed=seed_for(cfg.seed, client_id, 0, 1))
+    features, labels, importance = example_features(
+        model, loader, settings.kind, pick_device(cfg.device), settings.max_rows
+    )
+    weights = class_balance_weights(labels) if settings.kind == "embedding-labels" else None
+    vector, epsilon = privatize(features, settings, noise_seed=seed_for(cfg.seed, client_id, 0, 1), weights=weights)
     return Fingerprint(vector, importance, len(features), epsilon, settings.delta)

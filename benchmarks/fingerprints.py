@@ -1,7 +1,7 @@
 """Which fingerprint signal separates GLUE tasks? Cluster clients from their fingerprints.
 
 For each population (4 tasks x 3 clients, IID inside tasks, and Dirichlet alpha = 0.5 inside
-tasks) and each signal (``embedding``, ``lora-grad``), with and without DP noise, every client
+tasks) and each signal (``embedding``, ``embedding-labels``, ``lora-grad``), with and without DP noise, every client
 computes its fingerprint exactly as the ClientApp does (``local.compute_fingerprint``); the
 server-side clustering (``strategies.clustering``) picks k with no task labels; the true
 tasks are used only to score the result (ARI).
@@ -63,19 +63,40 @@ def run_case(cfg: Config, settings: FingerprintSettings) -> dict:
     }
 
 
+def markdown_table(csv_path: Path) -> str:
+    """The committed results as the README's markdown table."""
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    lines = [
+        "| partition | signal | noise z | epsilon (delta 1e-5) | k chosen | ARI | silhouette |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        eps = f"{float(r['epsilon']):.2f}" if r["epsilon"] else "none"
+        lines.append(
+            f"| {r['partitioner']} | {r['kind']} | {r['noise']} | {eps} | {r['k']} | "
+            f"{float(r['ari']):.3f} | {float(r['silhouette']):.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
-    """Run every case and write JSON and CSV."""
+    """Run every case and write JSON and CSV (or, with --table, print the committed table)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fingerprints")
     parser.add_argument("--data-dir", default=os.environ.get("ATLAS_DATA_DIR", str(ROOT.parent / "shared/data/glue")))
     parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(args.out / "fingerprints.csv"))
+        return
     quiet_libraries()
     population = {"tasks": "sst2,mrpc,cola,qnli", "clients-per-task": 3, "max-samples-per-client": 256}
     rows = []
     for partitioner in ("iid", "dirichlet"):
         cfg = base_config(args.data_dir, {**population, "partitioner": partitioner, "dirichlet-alpha": 0.5})
-        for kind in ("embedding", "lora-grad"):
+        for kind in ("embedding", "embedding-labels", "lora-grad"):
             for noise in (0.0, 1.0):
                 settings = FingerprintSettings(kind=kind, noise=noise, seed=cfg.seed, max_rows=args.rows)
                 row = {"partitioner": partitioner, **run_case(cfg, settings)}

@@ -10,7 +10,14 @@ import torch
 
 from atlas_flwr.config import Config
 from atlas_flwr.data import make_loader
-from atlas_flwr.fingerprint import FingerprintSettings, epsilon_of, example_features, privatize, projection
+from atlas_flwr.fingerprint import (
+    FingerprintSettings,
+    class_balance_weights,
+    epsilon_of,
+    example_features,
+    privatize,
+    projection,
+)
 from atlas_flwr.local import client_data, compute_fingerprint, new_model
 from atlas_flwr.models.classifier import load_tokenizer
 
@@ -40,7 +47,7 @@ def test_at_round_zero_lora_a_gradients_vanish_and_b_gradients_do_not(tiny_cfg: 
     assert all(float(g.abs().sum()) > 0.0 for n, g in grads.items() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("kind", ["embedding", "lora-grad"])
+@pytest.mark.parametrize("kind", ["embedding", "embedding-labels", "lora-grad"])
 def test_fingerprint_shape_importance_and_determinism(tiny_cfg: Config, kind: str) -> None:
     settings = FingerprintSettings(kind=kind, dim=16, max_rows=8, seed=3)
     a = compute_fingerprint(tiny_cfg, 0, settings)
@@ -57,7 +64,8 @@ def test_lora_grad_rows_are_per_example(tiny_cfg: Config) -> None:
     model = new_model(tiny_cfg, "sst2")
     rows = client_data(tiny_cfg, 0).train.select(range(5))
     loader = make_loader(rows, load_tokenizer(tiny_cfg.model), 1, shuffle=False)
-    features, _ = example_features(model, loader, "lora-grad", torch.device("cpu"), max_rows=5)
+    features, labels, _ = example_features(model, loader, "lora-grad", torch.device("cpu"), max_rows=5)
+    assert labels.tolist() == rows["labels"]
     n_b = sum(p.numel() for n, p in model.backbone.named_parameters() if "lora_B" in n)
     assert features.shape == (5, n_b)
 
@@ -97,3 +105,18 @@ def test_epsilon_is_the_gaussian_mechanisms(noise: float) -> None:
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown fingerprint kind 'pixels'"):
         FingerprintSettings(kind="pixels")
+
+
+def test_class_balanced_mean_ignores_label_proportions() -> None:
+    rng = np.random.default_rng(1)
+    pos, neg = rng.normal(size=(1, 12)) + 3, rng.normal(size=(1, 12)) - 3
+
+    def fingerprint(n_pos: int, n_neg: int) -> np.ndarray:
+        labels = np.array([1] * n_pos + [0] * n_neg)
+        features = np.vstack([np.repeat(pos, n_pos, 0), np.repeat(neg, n_neg, 0)])
+        signed = np.hstack([features, (2 * labels[:, None] - 1) * features])
+        vector, _ = privatize(signed, FingerprintSettings(dim=6, clip=100.0), 0, class_balance_weights(labels))
+        return vector
+
+    np.testing.assert_allclose(fingerprint(10, 90), fingerprint(70, 30), rtol=1e-5, atol=1e-5)
+    assert class_balance_weights(np.array([1, 1, 1, 0])).tolist() == [2 / 3, 2 / 3, 2 / 3, 2.0]
