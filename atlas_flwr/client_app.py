@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from logging import INFO
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.local import client_data, run_evaluate, run_train
+from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, to_record
+from strategies.memory import DeviceProfile, parse_size, profile_for
 
 quiet_libraries()
 app = ClientApp()
@@ -49,11 +51,24 @@ def _states(message: Message) -> tuple[dict, dict]:
     return from_record(content.array_records["adapter"]), from_record(content.array_records["head"])
 
 
+def device_profile(context: Context, cfg: Config, client_id: int) -> DeviceProfile:
+    """The client's memory budget: ``memory`` in its node config (e.g. ``"4GB"``) on the Deployment
+    Engine, else the simulated tier of its partition id (``device-tiers`` x ``device-scale``)."""
+    if "memory" in context.node_config:
+        raw = str(context.node_config["memory"])
+        try:
+            return DeviceProfile(f"node-{raw}", parse_size(raw))
+        except ValueError as err:
+            raise AtlasError(f"node_config memory = {raw!r}: {err}") from err
+    return profile_for(client_id, cfg.device_tiers.split(","), cfg.device_scale)
+
+
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
-    """Tell the server who this client is: id, task and data sizes (no data)."""
+    """Tell the server who this client is: id, task, data sizes and memory budget (no data)."""
     cfg, client_id = client_identity(context)
     data = client_data(cfg, client_id)
+    profile = device_profile(context, cfg, client_id)
     record = ConfigRecord(
         {
             "client-id": client_id,
@@ -61,9 +76,29 @@ def describe(message: Message, context: Context) -> Message:
             "num-train": len(data.train),
             "num-eval": len(data.eval),
             "eval-digest": data.eval_digest,
+            "device-profile": profile.name,
+            "memory-bytes": profile.memory_bytes,
         }
     )
     return Message(RecordDict({"client": record}), reply_to=message)
+
+
+@app.query("fingerprint")
+def fingerprint(message: Message, context: Context) -> Message:
+    """Reply with the task fingerprint: projected, clipped, optionally noised; plus layer importance."""
+    cfg, client_id = client_identity(context)
+    fp = compute_fingerprint(cfg, client_id, fingerprint_settings(cfg))
+    arrays = ArrayRecord({"vector": Array(fp.vector), "importance": Array(fp.importance.astype(np.float64))})
+    metrics = MetricRecord(
+        {
+            "client-id": client_id,
+            "num-rows": fp.num_rows,
+            # inf (no noise) is not a valid metric value for every transport: -1 stands for "no DP".
+            "epsilon": fp.epsilon if np.isfinite(fp.epsilon) else -1.0,
+            "delta": fp.delta,
+        }
+    )
+    return Message(RecordDict({"fingerprint": arrays, "metrics": metrics}), reply_to=message)
 
 
 @app.train()

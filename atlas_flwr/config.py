@@ -15,7 +15,12 @@ from typing import Any
 
 from atlas_flwr.errors import ConfigError
 
-STRATEGIES = ("fedavg", "local-only")
+STRATEGIES = ("local-only", "fedavg", "fedavg-cluster", "atlas-no-laplacian", "atlas")
+#: The phase switches; "preset" takes the value from ``strategy`` (see ``strategies.pipeline.PRESETS``).
+CLUSTERINGS = ("preset", "none", "learned", "oracle")
+RANK_MODES = ("preset", "uniform", "budget")
+AGGREGATIONS = ("preset", "exact", "zero-pad", "svd-dense", "factor-avg", "none")
+FINGERPRINT_KINDS = ("embedding", "embedding-labels", "lora-grad")
 PARTITIONERS = ("iid", "dirichlet")
 POOLINGS = ("mean", "cls", "last")
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,6 +52,18 @@ def _float_in(low: float, high: float, *, open_low: bool = False) -> _Rule:
         return (v > low if open_low else v >= low) and v <= high
 
     return _Rule(float, check, f"a number in {bracket}{low}, {high}]")
+
+
+def _sizes_rule() -> _Rule:
+    from strategies.memory import parse_size
+
+    def check(v: str) -> bool:
+        try:
+            return all(parse_size(t) > 0 for t in v.split(",")) and bool(v.strip())
+        except ValueError:
+            return False
+
+    return _Rule(str, check, "a comma-separated list of sizes such as 2GB,4GB,8GB,16GB")
 
 
 def _tasks_rule() -> _Rule:
@@ -82,6 +99,20 @@ _RULES: dict[str, _Rule] = {
     "lr": _float_in(0.0, 1.0, open_low=True),
     "head-lr": _float_in(0.0, 1.0, open_low=True),
     "weight-decay": _float_in(0.0, 1.0),
+    "clustering": _choice(*CLUSTERINGS),
+    "ranks": _choice(*RANK_MODES),
+    "aggregation": _choice(*AGGREGATIONS),
+    "laplacian-eta": _float_in(0.0, 1.0),
+    "fingerprint-kind": _choice(*FINGERPRINT_KINDS),
+    "fingerprint-rows": _int_at_least(2),
+    "fingerprint-dim": _int_at_least(2),
+    "fingerprint-depth": _float_in(0.0, 1.0),
+    "fingerprint-clip": _float_in(0.0, 1e6, open_low=True),
+    "fingerprint-noise": _float_in(0.0, 1e3),
+    "fingerprint-delta": _float_in(0.0, 0.1, open_low=True),
+    "cluster-k-max": _int_at_least(2),
+    "device-tiers": _sizes_rule(),
+    "device-scale": _float_in(0.0, 1e3, open_low=True),
     "seed": _int_at_least(0),
     "device": _choice(*DEVICES),
     "output-dir": _Rule(str),
@@ -126,6 +157,20 @@ class Config:
     lr: float
     head_lr: float
     weight_decay: float
+    clustering: str
+    ranks: str
+    aggregation: str
+    laplacian_eta: float
+    fingerprint_kind: str
+    fingerprint_rows: int
+    fingerprint_dim: int
+    fingerprint_depth: float
+    fingerprint_clip: float
+    fingerprint_noise: float
+    fingerprint_delta: float
+    cluster_k_max: int
+    device_tiers: str
+    device_scale: float
     seed: int
     device: str
     output_dir: str

@@ -9,6 +9,7 @@ from functools import lru_cache
 import datasets
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from atlas_flwr.config import Config
 from atlas_flwr.data import (
@@ -23,6 +24,7 @@ from atlas_flwr.fingerprint import (
     FingerprintSettings,
     class_balance_weights,
     example_features,
+    layer_of,
     privatize,
 )
 from atlas_flwr.models.classifier import (
@@ -35,8 +37,11 @@ from atlas_flwr.models.classifier import (
     load_head_state,
     load_tokenizer,
 )
+from atlas_flwr.models.registry import resolve_model
 from atlas_flwr.records import State, to_torch
 from atlas_flwr.train import TrainResult, evaluate, pick_device, seed_for, train_local
+from strategies.memory import ModelShape, TrainShape
+from strategies.pipeline import module_ranks
 
 
 @dataclass(frozen=True)
@@ -90,21 +95,46 @@ def client_data(cfg: Config, client_id: int) -> ClientData:
     return ClientData(task=task, train=train, eval=evals.select(order))
 
 
-def new_model(cfg: Config, task: str) -> SequenceClassifier:
+def new_model(cfg: Config, task: str, lora: LoraSettings | None = None) -> SequenceClassifier:
     """A classifier for ``task`` with the run's model and LoRA settings (seeded by the run seed)."""
     return build_classifier(
-        cfg.model, task_spec(task).num_labels, lora_settings(cfg), pooling=cfg.pooling, seed=cfg.seed
+        cfg.model, task_spec(task).num_labels, lora or lora_settings(cfg), pooling=cfg.pooling, seed=cfg.seed
     )
 
 
-def initial_state(cfg: Config) -> tuple[dict, dict]:
-    """The adapter and head every client starts from, as the server builds them."""
-    model = new_model(cfg, cfg.tasks[0])
+def initial_state(cfg: Config, ranks: dict[str, int] | None = None) -> tuple[dict, dict]:
+    """The adapter and head a client starts from, as the server builds them.
+
+    ``ranks`` (module -> rank, PEFT state names) gives a heterogeneous adapter; None the uniform one.
+    """
+    lora = None if ranks is None else LoraSettings.from_module_ranks(ranks, cfg.lora_alpha, cfg.lora_dropout)
+    model = new_model(cfg, cfg.tasks[0], lora)
     return adapter_state(model), head_state(model)
 
 
+def modules_per_layer(adapter: State) -> list[list[str]]:
+    """The adapted module names of each layer, in layer order (PEFT state names)."""
+    layers: dict[int, list[str]] = {}
+    for module in module_ranks(adapter):
+        layers.setdefault(layer_of(module), []).append(module)
+    return [sorted(layers[i]) for i in sorted(layers)]
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """The memory model's view of the run's model and LoRA targets."""
+    source = resolve_model(cfg.model)
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)
+
+
+def train_shape(cfg: Config) -> TrainShape:
+    """The largest training step a client runs: a full batch padded to ``max-length``."""
+    return TrainShape(batch=cfg.batch_size, seq_len=cfg.max_length)
+
+
 def _loaded_model(cfg: Config, task: str, adapter: State, head: State) -> SequenceClassifier:
-    model = new_model(cfg, task)
+    # The adapter's shapes are the rank pattern: the model is built to hold exactly this adapter.
+    lora = LoraSettings.from_module_ranks(module_ranks(adapter), cfg.lora_alpha, cfg.lora_dropout)
+    model = new_model(cfg, task, lora)
     load_adapter_state(model, to_torch(adapter))
     load_head_state(model, to_torch(head))
     return model
@@ -146,16 +176,46 @@ def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> di
     return evaluate(model, loader, pick_device(cfg.device))
 
 
+def fingerprint_settings(cfg: Config) -> FingerprintSettings:
+    """The run's fingerprint settings (the projection seed is the run seed: every client shares it)."""
+    return FingerprintSettings(
+        kind=cfg.fingerprint_kind,
+        dim=cfg.fingerprint_dim,
+        clip=cfg.fingerprint_clip,
+        noise=cfg.fingerprint_noise,
+        delta=cfg.fingerprint_delta,
+        seed=cfg.seed,
+        max_rows=cfg.fingerprint_rows,
+        depth=cfg.fingerprint_depth,
+    )
+
+
 def compute_fingerprint(cfg: Config, client_id: int, settings: FingerprintSettings) -> Fingerprint:
     """The client's task fingerprint, from the run's initial model (same seed as the server's)."""
+    return privatize_features(cfg, client_id, settings, *fingerprint_features(cfg, client_id, settings))
+
+
+def fingerprint_features(
+    cfg: Config, client_id: int, settings: FingerprintSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row features, labels and layer importance (these never leave the client)."""
     data = client_data(cfg, client_id)
     model = new_model(cfg, data.task)
     rows = data.train.select(range(min(settings.max_rows, len(data.train))))
     batch_size = 1 if settings.kind == "lora-grad" else cfg.eval_batch_size
     loader = make_loader(rows, load_tokenizer(cfg.model), batch_size, shuffle=False)
-    features, labels, importance = example_features(
-        model, loader, settings.kind, pick_device(cfg.device), settings.max_rows
-    )
+    return example_features(model, loader, settings.kind, pick_device(cfg.device), settings.max_rows, settings.depth)
+
+
+def privatize_features(
+    cfg: Config,
+    client_id: int,
+    settings: FingerprintSettings,
+    features: np.ndarray,
+    labels: np.ndarray,
+    importance: np.ndarray,
+) -> Fingerprint:
+    """The released fingerprint of :func:`fingerprint_features`' output (projected, clipped, noised)."""
     weights = class_balance_weights(labels) if settings.kind == "embedding-labels" else None
     vector, epsilon = privatize(features, settings, noise_seed=seed_for(cfg.seed, client_id, 0, 1), weights=weights)
     return Fingerprint(vector, importance, len(features), epsilon, settings.delta)

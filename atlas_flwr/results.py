@@ -71,6 +71,15 @@ class RunWriter:
         self._json("clients.json", list(rows))
         atomic_write(self.dir / "clients.csv", _csv_text(rows))
 
+    def write_json(self, name: str, obj: Any) -> None:
+        """Any JSON-ready object as ``name``."""
+        self._json(name, obj)
+
+    def write_table(self, stem: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Rows as ``stem.json`` and ``stem.csv``."""
+        self._json(f"{stem}.json", list(rows))
+        atomic_write(self.dir / f"{stem}.csv", _csv_text(rows))
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Final summary of the run."""
         self._json("summary.json", dict(summary))

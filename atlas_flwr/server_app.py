@@ -19,18 +19,26 @@ from flwr.serverapp import Grid, ServerApp
 from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.local import initial_state
+from atlas_flwr.local import initial_state, model_shape, modules_per_layer, train_shape
 from atlas_flwr.messaging import exchange
 from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
 from strategies.aggregation import State
-from strategies.grouped_avg import (
+from strategies.clustering import adjusted_rand
+from strategies.memory import predict_peak_bytes
+from strategies.pipeline import (
     ClientInfo,
-    GroupedAdapterAveraging,
-    TrainReply,
-    make_strategy,
+    Member,
+    PersonalizedPipeline,
+    Switches,
+    Update,
+    fingerprint_graph,
+    plan_groups,
+    plan_ranks,
+    resolve_switches,
+    state_digest,
 )
 
 quiet_libraries()
@@ -76,6 +84,8 @@ def describe_clients(grid: Grid, cfg: Config) -> list[ClientInfo]:
                 num_train=int(record["num-train"]),
                 num_eval=int(record["num-eval"]),
                 eval_digest=str(record.get("eval-digest", "")),
+                device_profile=str(record.get("device-profile", "")),
+                memory_bytes=int(record.get("memory-bytes", 0)),
             )
         )
     ids = sorted(c.client_id for c in clients)
@@ -87,15 +97,15 @@ def describe_clients(grid: Grid, cfg: Config) -> list[ClientInfo]:
     return sorted(clients, key=lambda c: c.client_id)
 
 
-def _content(strategy: GroupedAdapterAveraging, client: ClientInfo, server_round: int) -> RecordDict:
-    adapter, head = strategy.state_for(client)
+def _content(strategy: PersonalizedPipeline, client: ClientInfo, server_round: int) -> RecordDict:
+    adapter, head = strategy.state_for(client.client_id)
     return RecordDict(
         {"adapter": to_record(adapter), "head": to_record(head), "config": ConfigRecord({"server-round": server_round})}
     )
 
 
 def _send(
-    grid: Grid, clients: Sequence[ClientInfo], strategy: GroupedAdapterAveraging, kind: str, server_round: int
+    grid: Grid, clients: Sequence[ClientInfo], strategy: PersonalizedPipeline, kind: str, server_round: int
 ) -> tuple[list[tuple[ClientInfo, Message]], dict[str, float]]:
     messages = [
         Message(
@@ -127,23 +137,23 @@ def _send(
 
 
 def evaluation_groups(
-    clients: Sequence[ClientInfo], strategy: GroupedAdapterAveraging
+    clients: Sequence[ClientInfo], strategy: PersonalizedPipeline
 ) -> dict[ClientInfo, list[ClientInfo]]:
     """Clients that would evaluate the same model on the same rows, keyed by the one that does.
 
     Under FedAvg the clients of a task hold the same adapter, the same head and the same
     validation rows, so their metrics are identical: one evaluation serves them all. Models
-    are the same object in the strategy's state; rows are the same by the describe digest.
+    are compared by content digest; rows by the describe digest.
     """
     groups: dict[tuple, list[ClientInfo]] = {}
     for client in clients:
-        adapter, head = strategy.state_for(client)
-        key = (id(adapter), id(head), client.eval_digest or f"client-{client.client_id}")
+        adapter, head = strategy.state_for(client.client_id)
+        key = (state_digest(adapter, head), client.eval_digest or f"client-{client.client_id}")
         groups.setdefault(key, []).append(client)
     return {members[0]: members for members in groups.values()}
 
 
-def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State]) -> TrainReply:
+def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State]) -> Update:
     """Decode a train reply; raise ValueError (one line) if it cannot be aggregated.
 
     Missing records, keys or shapes that differ from what was ``sent``, and NaN or infinite
@@ -168,7 +178,7 @@ def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, Stat
         bad = [k for k, v in state.items() if not np.isfinite(v).all()]
         if bad:
             raise ValueError(f"{name} tensor {bad[0]!r} holds NaN or Inf")
-    return TrainReply(client, adapter, head, int(metrics["num-examples"]), metrics)
+    return Update(client.client_id, adapter, head, int(metrics["num-examples"]), metrics)
 
 
 def _task_means(evals: dict[int, dict[str, float]], clients: Sequence[ClientInfo]) -> dict[str, float]:
@@ -196,22 +206,130 @@ def _round_line(server_round: int, total: int, row: dict[str, Any], tasks: Seque
 
 
 @dataclass(frozen=True)
+class Fingerprints:
+    """Every client's fingerprint reply, in client order."""
+
+    vectors: np.ndarray
+    importance: list[np.ndarray]
+    epsilon: float | None  # None: no noise
+    delta: float
+    rows: list[int]
+
+
+def collect_fingerprints(grid: Grid, clients: Sequence[ClientInfo]) -> Fingerprints:
+    """Send ``query.fingerprint`` to every client; every one must answer (clustering needs all)."""
+    messages = [
+        Message(RecordDict(), dst_node_id=c.node_id, message_type="query.fingerprint", group_id="0") for c in clients
+    ]
+    vectors, importance, eps, rows = [], [], [], []
+    delta = 0.0
+    for client, reply in zip(clients, exchange(grid, messages), strict=True):
+        if (reason := _reply_error(reply)) is not None:
+            raise AtlasError(f"client {client.client_id} failed to send its fingerprint: {reason}")
+        arrays = from_record(reply.content.array_records["fingerprint"])
+        metrics = reply.content.metric_records["metrics"]
+        vector = np.asarray(arrays["vector"], dtype=np.float64)
+        if vector.ndim != 1 or not np.isfinite(vector).all() or not np.any(vector):
+            raise AtlasError(f"client {client.client_id} sent a fingerprint that is not a finite non-zero vector")
+        vectors.append(vector)
+        importance.append(np.asarray(arrays["importance"], dtype=np.float64))
+        eps.append(float(metrics["epsilon"]))
+        rows.append(int(metrics["num-rows"]))
+        delta = float(metrics["delta"])
+    if len({v.shape for v in vectors}) != 1:
+        raise AtlasError(f"fingerprints have different sizes: {sorted({v.shape[0] for v in vectors})}")
+    epsilon = None if all(e < 0 for e in eps) else max(eps)
+    return Fingerprints(np.stack(vectors), importance, epsilon, delta, rows)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the server decides before round 1: groups, graph, each client's starting state and ranks."""
+
+    members: list[Member]
+    initial: dict[int, tuple[State, State]]
+    adjacency: np.ndarray | None
+    clusters: dict[str, Any]
+    ranks: list[dict[str, Any]]
+
+
+def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], switches: Switches) -> Plan:
+    """Phase 1 (fingerprints, groups, graph) and phase 2 (ranks under each client's memory budget)."""
+    prints = collect_fingerprints(grid, clients) if switches.needs_fingerprints else None
+    tasks = [c.task for c in clients]
+    groups, result = plan_groups(
+        switches.clustering, tasks, None if prints is None else prints.vectors, cfg.cluster_k_max, cfg.seed
+    )
+    clusters: dict[str, Any] = {"clustering": switches.clustering, "groups": groups, "k": len(set(groups))}
+    if result is not None:
+        clusters |= result.to_dict()
+    clusters["ari-vs-declared-tasks"] = adjusted_rand(tasks, groups) if len(set(tasks)) > 1 else None
+    if prints is not None:
+        clusters["fingerprint"] = {
+            "kind": cfg.fingerprint_kind,
+            "rows": prints.rows,
+            "noise": cfg.fingerprint_noise,
+            "epsilon": prints.epsilon,
+            "delta": prints.delta if prints.epsilon is not None else None,
+        }
+    # Recorded for every method that has fingerprints; only the Laplacian uses it.
+    adjacency = fingerprint_graph(prints.vectors) if prints is not None else None
+
+    uniform = tuple(to_numpy(t) for t in initial_state(cfg))
+    shape, step = model_shape(cfg), train_shape(cfg)
+    layers = modules_per_layer(uniform[0])
+    initial: dict[int, tuple[State, State]] = {}
+    rank_rows: list[dict[str, Any]] = []
+    built: dict[tuple, tuple[State, State]] = {}
+    for i, client in enumerate(clients):
+        row: dict[str, Any] = {"client-id": client.client_id, "task": client.task, "device": client.device_profile}
+        row["memory-budget-bytes"] = client.memory_bytes
+        if switches.ranks == "budget":
+            try:
+                allocation, pattern = plan_ranks(
+                    shape, step, client.memory_bytes, list(prints.importance[i]), layers, cfg.lora_rank
+                )
+            except ValueError as err:
+                raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
+            key = tuple(sorted(pattern.items()))
+            if key not in built:
+                built[key] = tuple(to_numpy(t) for t in initial_state(cfg, pattern))
+            initial[client.client_id] = built[key]
+            ranks, predicted, binding = allocation.ranks, allocation.predicted["total"], allocation.binding
+        else:
+            initial[client.client_id] = uniform
+            ranks = [cfg.lora_rank] * shape.num_layers
+            predicted, binding = predict_peak_bytes(shape, step, ranks)["total"], None
+        row |= {
+            "ranks-per-layer": " ".join(map(str, ranks)),
+            "adapter-params": int(sum(v.size for v in initial[client.client_id][0].values())),
+            "predicted-peak-bytes": int(predicted),
+            "fits-budget": bool(client.memory_bytes == 0 or predicted <= client.memory_bytes),
+            "budget-binds": binding,
+        }
+        if prints is not None:
+            row["importance"] = " ".join(f"{x:.3g}" for x in prints.importance[i])
+        rank_rows.append(row)
+    members = [Member(c.client_id, c.task, g) for c, g in zip(clients, groups, strict=True)]
+    return Plan(members, initial, adjacency, clusters, rank_rows)
+
+
+@dataclass(frozen=True)
 class RunOutcome:
-    """Where a run wrote its results, and the strategy with its final per-group states."""
+    """Where a run wrote its results, and the strategy with its final per-client states."""
 
     run_dir: Path
-    strategy: GroupedAdapterAveraging
+    strategy: PersonalizedPipeline
 
 
 def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
-    """Run ``num-server-rounds`` rounds of train, aggregate, evaluate."""
+    """Describe, plan (fingerprints, groups, ranks), then ``num-server-rounds`` rounds of train, aggregate,
+    evaluate."""
     started = time.perf_counter()
     preflight(cfg)
     run_dir = new_run_dir(cfg.resolved_output_dir(), cfg.run_name or default_run_name(cfg.strategy, cfg.seed))
     writer = RunWriter(run_dir, {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__})
-    adapter, head = initial_state(cfg)
-    strategy = make_strategy(cfg.strategy, to_numpy(adapter), to_numpy(head))
-    log(INFO, "%s", strategy.summary())
+    switches = resolve_switches(cfg.strategy, cfg.clustering, cfg.ranks, cfg.aggregation)
     clients = describe_clients(grid, cfg)
     log(
         INFO,
@@ -220,6 +338,37 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         ", ".join(f"{c.client_id}:{c.task}" for c in clients),
         run_dir,
     )
+    t_plan = time.perf_counter()
+    plan = plan_federation(grid, cfg, clients, switches)
+    strategy = PersonalizedPipeline(
+        cfg.strategy, switches, plan.members, plan.initial, cfg.lora_alpha, plan.adjacency, cfg.laplacian_eta
+    )
+    writer.write_json("clusters.json", plan.clusters)
+    writer.write_table("ranks", plan.ranks)
+    if plan.adjacency is not None:
+        writer.write_json(
+            "adjacency.json", {"client-ids": [c.client_id for c in clients], "a": plan.adjacency.tolist()}
+        )
+    log(INFO, "%s", strategy.summary())
+    if plan.clusters.get("ari-vs-declared-tasks") is not None and switches.clustering == "learned":
+        log(
+            INFO,
+            "clusters: k=%d groups %s (ARI %.3f against the declared tasks, for evaluation only)",
+            plan.clusters["k"],
+            plan.clusters["groups"],
+            plan.clusters["ari-vs-declared-tasks"],
+        )
+    for row in plan.ranks:
+        log(
+            INFO,
+            "client %d %s: ranks [%s], predicted peak %.0f MB of %.0f MB",
+            row["client-id"],
+            row["device"],
+            row["ranks-per-layer"],
+            row["predicted-peak-bytes"] / 1e6,
+            row["memory-budget-bytes"] / 1e6,
+        )
+    plan_seconds = time.perf_counter() - t_plan
 
     evals: dict[int, dict[str, float]] = {}
     last_train: dict[int, dict[str, float]] = {}
@@ -230,13 +379,13 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         replies = []
         for client, msg in ok:
             try:
-                replies.append(decode_train_reply(client, msg, strategy.state_for(client)))
+                replies.append(decode_train_reply(client, msg, strategy.state_for(client.client_id)))
             except ValueError as err:
                 train_io["failures"] += 1
                 log(WARNING, "round %d train: reply of client %d rejected: %s", server_round, client.client_id, err)
         if not replies:
             raise AtlasError(f"round {server_round}: no valid train reply; see the warnings above")
-        last_train.update({r.client.client_id: r.metrics for r in replies})
+        last_train.update({r.client_id: r.metrics for r in replies})
         train_metrics = strategy.aggregate_train(replies)
         t2 = time.perf_counter()
         shared = evaluation_groups(clients, strategy)
@@ -275,6 +424,15 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     writer.write_summary(
         {
             "strategy": strategy.summary(),
+            "switches": {
+                "clustering": switches.clustering,
+                "ranks": switches.ranks,
+                "aggregation": switches.aggregation,
+                "laplacian-eta": strategy.eta,
+            },
+            "clusters-k": plan.clusters["k"],
+            "clusters-ari": plan.clusters.get("ari-vs-declared-tasks"),
+            "plan-seconds": plan_seconds,
             "rounds": cfg.num_server_rounds,
             "clients": len(clients),
             "final": {k: v for k, v in final.items() if "-" in k and k.split("-")[0] in cfg.tasks},

@@ -15,6 +15,7 @@ from atlas_flwr.local import initial_state
 from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.records import to_numpy, to_record
 from atlas_flwr.server_app import run_federation
+from strategies.pipeline import module_ranks, state_digest
 
 
 @pytest.fixture()
@@ -73,15 +74,12 @@ def test_fedavg_run_trains_aggregates_and_writes_results(tiny_run_config: dict) 
 def test_adapters_change_and_fedavg_shares_them(tiny_run_config: dict) -> None:
     cfg, _grid, outcome = _run(tiny_run_config)
     strategy = outcome.strategy
-    from strategies.grouped_avg import ClientInfo
-
-    clients = [ClientInfo(i, 0, cfg.task_of(i)[0], 0, 0) for i in range(cfg.num_clients)]
     init_adapter, _ = (to_numpy(s) for s in initial_state(cfg))
-    adapters = [strategy.state_for(c)[0] for c in clients]
-    heads = [strategy.state_for(c)[1] for c in clients]
+    adapters = [strategy.state_for(i)[0] for i in range(cfg.num_clients)]
+    heads = [strategy.state_for(i)[1] for i in range(cfg.num_clients)]
     lora_b = next(k for k in init_adapter if "lora_B" in k)
     assert not np.allclose(adapters[0][lora_b], init_adapter[lora_b])  # B starts at zero and moved
-    assert all(a is adapters[0] for a in adapters)  # one global adapter
+    assert all(state_digest(a) == state_digest(adapters[0]) for a in adapters)  # one global adapter
     assert np.array_equal(heads[0]["weight"], heads[1]["weight"])
     assert not np.array_equal(heads[0]["weight"], heads[2]["weight"])
 
@@ -90,9 +88,7 @@ def test_local_only_gives_each_client_its_own_adapter(tiny_run_config: dict) -> 
     cfg, grid, outcome = _run({**tiny_run_config, "strategy": "local-only"})
     strategy = outcome.strategy
     assert grid.messages_seen.count("evaluate") == 2 * 4  # distinct models: every client evaluates
-    from strategies.grouped_avg import ClientInfo
-
-    adapters = [strategy.state_for(ClientInfo(i, 0, "", 0, 0))[0] for i in range(cfg.num_clients)]
+    adapters = [strategy.state_for(i)[0] for i in range(cfg.num_clients)]
     lora_b = next(k for k in adapters[0] if "lora_B" in k)
     assert not np.array_equal(adapters[0][lora_b], adapters[1][lora_b])
 
@@ -155,3 +151,58 @@ def test_missing_split_stops_the_run_before_round_one(tiny_run_config: dict, tmp
         shutil.copy(Path(tiny_run_config["data-dir"]) / task / "train.parquet", broken / task / "train.parquet")
     with pytest.raises(AtlasError, match=r"missing split file .*sst2/validation.parquet.*found for sst2: \['train'\]"):
         _run({**tiny_run_config, "data-dir": str(broken)})
+
+
+def _binding_tiers(cfg: Config) -> str:
+    """Two device tiers for the tiny model: one that holds only the top layer's adapter, one that holds all."""
+    from atlas_flwr.local import model_shape, train_shape
+    from strategies.memory import predict_peak_bytes
+
+    shape, step = model_shape(cfg), train_shape(cfg)
+    top_only = predict_peak_bytes(shape, step, [0] * (shape.num_layers - 1) + [cfg.lora_rank])["total"]
+    full = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers)["total"]
+    assert top_only < full
+    return f"{(top_only + full) // 2}B,{2 * full}B"
+
+
+def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_run_config: dict) -> None:
+    values = {**tiny_run_config, "strategy": "atlas", "fingerprint-rows": 16, "device-scale": 1.0}
+    values["device-tiers"] = _binding_tiers(Config.from_run_config(values))
+    cfg, grid, outcome = _run(values)
+    run_dir = outcome.run_dir
+    assert grid.messages_seen.count("query.fingerprint") == cfg.num_clients
+    clusters = json.loads((run_dir / "clusters.json").read_text())
+    assert clusters["clustering"] == "learned" and len(clusters["groups"]) == 4 and "scores" in clusters
+    adjacency = np.array(json.loads((run_dir / "adjacency.json").read_text())["a"])
+    assert adjacency.shape == (4, 4) and np.all(adjacency[~np.eye(4, dtype=bool)] > 0)
+    with (run_dir / "ranks.csv").open() as fh:
+        ranks = list(csv.DictReader(fh))
+    small, large = ranks[0], ranks[1]  # tiers cycle with the partition id
+    assert small["budget-binds"] == "True" and small["ranks-per-layer"].split()[0] == "0"
+    assert int(small["predicted-peak-bytes"]) <= int(small["memory-budget-bytes"])
+    assert large["ranks-per-layer"] == f"{cfg.lora_rank} {cfg.lora_rank}"
+    # The small client's adapter holds only what its budget allowed, through every round.
+    strategy = outcome.strategy
+    small_modules = {m for m in module_ranks(strategy.state_for(0)[0])}
+    assert small_modules and all(".layer.1." in m for m in small_modules)
+    assert len(module_ranks(strategy.state_for(1)[0])) == 2 * len(small_modules)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["switches"] == {
+        "clustering": "learned",
+        "ranks": "budget",
+        "aggregation": "exact",
+        "laplacian-eta": 0.5,
+    }
+
+
+def test_methods_give_pairwise_different_results(tiny_run_config: dict) -> None:
+    base = {**tiny_run_config, "num-server-rounds": 1, "fingerprint-rows": 16, "device-scale": 1.0}
+    base["device-tiers"] = _binding_tiers(Config.from_run_config(base))
+    results = {}
+    for strategy in ("local-only", "fedavg", "fedavg-cluster", "atlas-no-laplacian", "atlas"):
+        _, _, outcome = _run({**base, "strategy": strategy, "run-name": strategy})
+        results[strategy] = tuple(state_digest(*outcome.strategy.state_for(i)) for i in range(4))
+    names = list(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert results[a] != results[b], f"{a} and {b} gave identical client states"

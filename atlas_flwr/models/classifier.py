@@ -39,6 +39,31 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.05
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    #: Module paths to adapt (e.g. ``encoder.layer.5.attention.self.query``); empty: the family's
+    #: targets in every layer. With heterogeneous ranks a client adapts only some layers.
+    target_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def from_module_ranks(cls, module_ranks: dict[str, int], alpha: float, dropout: float) -> LoraSettings:
+        """Settings that rebuild exactly the adapter described by ``module -> rank`` (PEFT state names).
+
+        This is how a client builds its model from the adapter the server sends: the adapter's
+        shapes are the rank pattern, so the two can never disagree.
+        """
+        if not module_ranks:
+            raise ModelError("the adapter holds no LoRA module: cannot build a model from it")
+        paths = {_module_path(name): int(r) for name, r in module_ranks.items()}
+        bad = {p: r for p, r in paths.items() if r < 1}
+        if bad:
+            raise ModelError(f"LoRA rank {min(bad.values())} of {min(bad)!r} is invalid: expected >= 1")
+        rank = max(paths.values())
+        # Full dotted paths: PEFT matches a rank_pattern key only at a dot boundary, so layer.1 is not layer.11.
+        return cls(rank=rank, alpha=alpha, dropout=dropout, rank_pattern=paths, target_modules=tuple(sorted(paths)))
+
+
+def _module_path(state_name: str) -> str:
+    """``base_model.model.encoder.layer.0.attention.self.query`` -> ``encoder.layer.0.attention.self.query``."""
+    return state_name.removeprefix("base_model.model.")
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -109,7 +134,7 @@ def lora_config(source: ModelSource, lora: LoraSettings) -> LoraConfig:
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=source.lora_targets,
+        target_modules=list(lora.target_modules) or source.lora_targets,
         rank_pattern=dict(lora.rank_pattern),
         fan_in_fan_out=source.family == "gpt2",
         bias="none",

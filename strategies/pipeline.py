@@ -1,0 +1,357 @@
+"""One round pipeline for every language-model method; the methods are presets of its switches.
+
+=================== ============ ========= ============ =========
+strategy            clustering   ranks     aggregation  Laplacian
+=================== ============ ========= ============ =========
+local-only          none         uniform   none         off
+fedavg              none         uniform   factor-avg   off
+fedavg-cluster      learned      uniform   factor-avg   off
+atlas-no-laplacian  learned      budget    exact        off
+atlas               learned      budget    exact        on
+=================== ============ ========= ============ =========
+
+Any switch can be set on its own (run config ``clustering``, ``ranks``, ``aggregation``,
+``laplacian-eta``), so an ablation changes one thing and runs the same code.
+
+A round, on the server:
+
+1. every client trains from *its* adapter and head (the server keeps one per client);
+2. adapters are aggregated inside each group (all clients, a learned cluster, or a task) with the
+   chosen method, and every member gets the result at its own ranks; ``none`` keeps each client's own;
+3. with the Laplacian on, every client's adapter moves towards its neighbours' on the fingerprint
+   similarity graph, in dW space, across groups too (so it is not a no-op after step 2);
+4. heads are averaged per head group: the client alone (``aggregation = none``), its task (no
+   clustering) or its group. A head is never averaged across groups.
+
+Adapters of different clients may hold different modules (a small-memory client adapts only its top
+layers). A module is aggregated over the clients that hold it; a client that does not hold it is not
+counted as a zero update, because it did not train it.
+
+Pure numpy: no Flower import; states are ``dict[str, ndarray]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from strategies.aggregation import (
+    LORA_A_SUFFIX,
+    State,
+    aggregate_states,
+    weighted_average,
+)
+from strategies.clustering import ClusterResult, canonical_labels, cluster_fingerprints
+from strategies.laplacian import laplacian_states, similarity_graph
+from strategies.memory import ModelShape, RankAllocation, TrainShape, allocate_ranks
+
+CLUSTERINGS = ("none", "learned", "oracle")
+RANK_MODES = ("uniform", "budget")
+AGGREGATIONS = ("exact", "zero-pad", "svd-dense", "factor-avg", "none")
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The phases a method runs."""
+
+    clustering: str
+    ranks: str
+    aggregation: str
+    laplacian: bool
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("clustering", CLUSTERINGS), ("ranks", RANK_MODES), ("aggregation", AGGREGATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
+    @property
+    def needs_fingerprints(self) -> bool:
+        """Learned clusters, budget ranks (layer importance) and the Laplacian graph all need fingerprints."""
+        return self.clustering == "learned" or self.ranks == "budget" or self.laplacian
+
+
+PRESETS: dict[str, Switches] = {
+    "local-only": Switches("none", "uniform", "none", False),
+    "fedavg": Switches("none", "uniform", "factor-avg", False),
+    "fedavg-cluster": Switches("learned", "uniform", "factor-avg", False),
+    "atlas-no-laplacian": Switches("learned", "budget", "exact", False),
+    "atlas": Switches("learned", "budget", "exact", True),
+}
+
+
+def resolve_switches(
+    strategy: str, clustering: str = "preset", ranks: str = "preset", aggregation: str = "preset"
+) -> Switches:
+    """The preset of ``strategy`` with every switch not equal to ``"preset"`` overriding it."""
+    if strategy not in PRESETS:
+        raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(PRESETS)}")
+    base = PRESETS[strategy]
+    return Switches(
+        base.clustering if clustering == "preset" else clustering,
+        base.ranks if ranks == "preset" else ranks,
+        base.aggregation if aggregation == "preset" else aggregation,
+        base.laplacian,
+    )
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client as the server knows it after the describe query."""
+
+    client_id: int
+    node_id: int
+    task: str
+    num_train: int
+    num_eval: int
+    eval_digest: str = ""  # equal digests: the same evaluation rows (empty: unknown)
+    device_profile: str = ""
+    memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Member:
+    """A client as the pipeline sees it: id, declared task (for heads of unclustered runs), group."""
+
+    client_id: int
+    task: str
+    group: int
+
+
+@dataclass
+class Update:
+    """One client's decoded train reply."""
+
+    client_id: int
+    adapter: State
+    head: State
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def module_ranks(adapter: State) -> dict[str, int]:
+    """Module name -> LoRA rank, read from the ``lora_A`` shapes of a PEFT adapter state."""
+    return {k[: -len(LORA_A_SUFFIX)]: int(v.shape[0]) for k, v in adapter.items() if k.endswith(LORA_A_SUFFIX)}
+
+
+def state_digest(*states: State) -> str:
+    """A content digest of states: equal digests mean equal tensors (used to share evaluations)."""
+    digest = hashlib.sha256()
+    for state in states:
+        for key in sorted(state):
+            value = np.ascontiguousarray(state[key])
+            digest.update(key.encode())
+            digest.update(str((value.dtype, value.shape)).encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _split_by_holders(states: Sequence[State]) -> dict[tuple[int, ...], list[str]]:
+    """Group module names by the tuple of state indices that hold them."""
+    holders: dict[str, list[int]] = defaultdict(list)
+    for i, state in enumerate(states):
+        for module in module_ranks(state):
+            holders[module].append(i)
+    by_set: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for module, idx in sorted(holders.items()):
+        by_set[tuple(idx)].append(module)
+    return by_set
+
+
+def _subset(state: State, modules: Sequence[str]) -> State:
+    keep = set(modules)
+    return {k: v for k, v in state.items() if k.rsplit(".lora_", 1)[0] in keep}
+
+
+def aggregate_group(states: Sequence[State], weights: Sequence[float], alpha: float, method: str) -> list[State]:
+    """Aggregate a group's adapters module by module over the clients holding each module.
+
+    Every output keeps its input's modules and ranks. See :func:`strategies.aggregation.aggregate_states`
+    for the methods.
+    """
+    outputs: list[State] = [{} for _ in states]
+    for holders, modules in _split_by_holders(states).items():
+        subs = [_subset(states[i], modules) for i in holders]
+        merged = aggregate_states(subs, [weights[i] for i in holders], [{}] * len(subs), alpha, method)
+        for i, state in zip(holders, merged, strict=True):
+            outputs[i].update(state)
+    return outputs
+
+
+def laplacian_all(states: Sequence[State], adjacency: np.ndarray, eta: float, alpha: float) -> list[State]:
+    """One Laplacian step over every client, module by module over the clients holding each module.
+
+    ``eta`` in [0, 1] is the fraction of the largest admissible step: ``eta * lam = eta / max_k delta_k``
+    on the full graph, so ``eta * lam * delta_k <= 1`` for every client and every sub-graph.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"laplacian eta {eta!r} is invalid: expected a fraction in [0, 1]")
+    a = np.array(adjacency, dtype=np.float64)
+    np.fill_diagonal(a, 0.0)
+    max_degree = float(a.sum(axis=1).max()) if a.size else 0.0
+    step = eta / max_degree if max_degree > 0 else 0.0
+    outputs: list[State] = [{} for _ in states]
+    for holders, modules in _split_by_holders(states).items():
+        subs = [_subset(states[i], modules) for i in holders]
+        sub_adjacency = a[np.ix_(holders, holders)]
+        mixed = laplacian_states(subs, sub_adjacency, step, 1.0, alpha)
+        for i, state in zip(holders, mixed, strict=True):
+            outputs[i].update(state)
+    return outputs
+
+
+def plan_groups(
+    clustering: str, tasks: Sequence[str], fingerprints: np.ndarray | None, k_max: int, seed: int
+) -> tuple[list[int], ClusterResult | None]:
+    """Each client's group: one group (``none``), its declared task (``oracle``) or a learned cluster.
+
+    ``learned`` reads only the fingerprints; the tasks are never shown to it.
+    """
+    if clustering == "none":
+        return [0] * len(tasks), None
+    if clustering == "oracle":
+        return canonical_labels([sorted(set(tasks)).index(t) for t in tasks]), None
+    if clustering != "learned":
+        raise ValueError(f"unknown clustering {clustering!r}: expected one of {', '.join(CLUSTERINGS)}")
+    if fingerprints is None:
+        raise ValueError("learned clustering needs fingerprints")
+    result = cluster_fingerprints(fingerprints, k_max=k_max, seed=seed)
+    return list(result.labels), result
+
+
+def fingerprint_graph(fingerprints: np.ndarray) -> np.ndarray:
+    """The similarity graph on L2-normalised fingerprints (the geometry the clustering uses)."""
+    f = np.asarray(fingerprints, dtype=np.float64)
+    norms = np.linalg.norm(f, axis=1, keepdims=True)
+    return similarity_graph(f / np.maximum(norms, 1e-12))
+
+
+def plan_ranks(
+    model: ModelShape,
+    train: TrainShape,
+    budget_bytes: int,
+    importance: Sequence[float],
+    modules_per_layer: Sequence[Sequence[str]],
+    max_rank: int,
+) -> tuple[RankAllocation, dict[str, int]]:
+    """Per-layer ranks under a client's memory budget, and the module -> rank map its adapter gets.
+
+    Raises ValueError (one line) when the budget cannot hold even one adapted layer.
+    """
+    allocation = allocate_ranks(model, train, budget_bytes, importance, max_rank=max_rank)
+    if not any(allocation.ranks):
+        raise ValueError(
+            f"memory budget {budget_bytes / 1e6:.0f} MB fits no LoRA layer "
+            f"(one adapted top layer needs more): raise device-scale or the client's memory"
+        )
+    pattern = {m: r for layer, r in zip(modules_per_layer, allocation.ranks, strict=True) if r for m in layer}
+    return allocation, pattern
+
+
+class PersonalizedPipeline:
+    """Per-client adapters and heads, aggregated by the switches.
+
+    Parameters
+    ----------
+    name : str
+        Strategy name, for logs and results.
+    switches : Switches
+        The phases to run.
+    members : sequence of Member
+        Every client with its group (all 0 without clustering).
+    initial : mapping client id -> (adapter, head)
+        Each client's starting state (its own ranks).
+    alpha : float
+        ``lora_alpha`` shared by every client.
+    adjacency : ndarray, optional
+        Client similarities in ``members`` order; required when the Laplacian is on.
+    eta : float
+        Laplacian step as a fraction of the largest admissible one (ignored when the switch is off).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        switches: Switches,
+        members: Sequence[Member],
+        initial: Mapping[int, tuple[State, State]],
+        alpha: float,
+        adjacency: np.ndarray | None = None,
+        eta: float = 0.0,
+    ) -> None:
+        if switches.laplacian and adjacency is None:
+            raise ValueError("the Laplacian switch is on but no adjacency was given")
+        missing = sorted({m.client_id for m in members} - set(initial))
+        if missing:
+            raise ValueError(f"no initial state for clients {missing}")
+        self.name = name
+        self.switches = switches
+        self.members = sorted(members, key=lambda m: m.client_id)
+        self.alpha = alpha
+        self.adjacency = adjacency
+        self.eta = eta if switches.laplacian else 0.0
+        self.adapters = {m.client_id: dict(initial[m.client_id][0]) for m in self.members}
+        self.heads = {m.client_id: dict(initial[m.client_id][1]) for m in self.members}
+
+    def state_for(self, client_id: int) -> tuple[State, State]:
+        """The adapter and head a client trains from (or is evaluated with)."""
+        return self.adapters[client_id], self.heads[client_id]
+
+    def _head_key(self, member: Member) -> Hashable:
+        # The head's shape is part of the key: tasks with different label counts never share a head.
+        shape = tuple(self.heads[member.client_id]["weight"].shape)
+        if self.switches.aggregation == "none":
+            return ("client", member.client_id, shape)
+        if self.switches.clustering == "none":
+            return ("task", member.task, shape)
+        return ("group", member.group, shape)
+
+    def aggregate_train(self, updates: Sequence[Update]) -> dict[str, float]:
+        """Fold one round's updates into the per-client states; clients without an update keep theirs.
+
+        Updates are sorted by client id first, so the result does not depend on arrival order.
+        """
+        ordered = sorted(updates, key=lambda u: u.client_id)
+        by_id = {m.client_id: m for m in self.members}
+        for u in ordered:
+            self.adapters[u.client_id] = u.adapter
+        if self.switches.aggregation != "none":
+            groups: dict[int, list[Update]] = defaultdict(list)
+            for u in ordered:
+                groups[by_id[u.client_id].group].append(u)
+            for members in groups.values():
+                merged = aggregate_group(
+                    [u.adapter for u in members],
+                    [u.num_examples for u in members],
+                    self.alpha,
+                    self.switches.aggregation,
+                )
+                for u, state in zip(members, merged, strict=True):
+                    self.adapters[u.client_id] = state
+        if self.eta > 0:
+            ids = [m.client_id for m in self.members]
+            mixed = laplacian_all([self.adapters[i] for i in ids], self.adjacency, self.eta, self.alpha)
+            self.adapters.update(zip(ids, mixed, strict=True))
+        heads: dict[Hashable, list[Update]] = defaultdict(list)
+        for u in ordered:
+            heads[self._head_key(by_id[u.client_id])].append(u)
+        for key, members in heads.items():
+            head = weighted_average([u.head for u in members], [u.num_examples for u in members])
+            for m in self.members:  # every client of the head group, with or without an update this round
+                if self._head_key(m) == key:
+                    self.heads[m.client_id] = head
+        total = sum(u.num_examples for u in ordered)
+        loss = sum(u.metrics.get("train-loss", np.nan) * u.num_examples for u in ordered)
+        return {"train-loss": float(loss / total) if total else float("nan"), "num-examples": float(total)}
+
+    def summary(self) -> str:
+        """One line describing the method."""
+        s = self.switches
+        groups = len({m.group for m in self.members})
+        return (
+            f"{self.name}: clustering={s.clustering} ({groups} group(s)), ranks={s.ranks}, "
+            f"aggregation={s.aggregation}, laplacian eta={self.eta:g}"
+        )
