@@ -11,8 +11,9 @@ Memory model (bytes) of one step of a transformer with frozen base weights and L
 - ``activations``: tensors saved for backward (constants in :class:`Calibration`). Every layer from the
   first adapted one to the top stores them, adapted or not: the gradient reaching an early adapter has to
   flow back through all the layers above it. Layers below the first adapter store nothing.
-- ``workspace``: transient tensors of the layer being computed (forward temporaries, backward gradients)
-  plus a fixed allocator/library allowance.
+- ``workspace``: transient tensors at the peak plus a fixed allocator/library allowance. On the CPU the peak
+  comes at the end of the forward pass (``torch.profiler`` memory events, MiniLM 16 x 128): every saved
+  tensor is alive plus the top layer's output and temporaries, about a quarter of one layer's activations.
 
 Derivation of the activation constants. Korthikanti et al. 2022 ("Reducing Activation Recomputation in
 Large Transformer Models", Sec. 4.1) count ``34 s b h + 5 a s^2 b`` bytes per layer for full fp16 training
@@ -23,13 +24,25 @@ linear layer (a matmul keeps its input only to form the weight's gradient), so t
 projections (1), the attention output projection (1), the FFN up projection (1) and the FFN down projection
 (4 = i/h) drop out. What remains, in elements of ``dtype_bytes``: Q, K, V and two LayerNorm inputs (5 of
 width h), the GeLU input (1 of width i), softmax output and attention dropout (2 of size a s^2 per sample);
-plus bool masks (2 bytes per token-hidden, 1 per score) and the LayerNorm mean/rstd (4 per token). Each
+plus the dropout masks (2 per token-hidden, 1 per score) and the LayerNorm mean/rstd (4 per token). Each
 adapted projection adds its LoRA-dropout output (width ``in``) with its mask, and the ``lora_A`` output
-(width r) kept for ``lora_B``. Counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) on a
-small BERT with PEFT LoRA on query/value, eager and SDPA attention, reproduces this per-layer count exactly
-on CPU (where dropout masks are fp32 instead of CUDA's bool; not yet checked on a GPU). Fused attention kernels
-(SDPA flash / memory-efficient on GPU) keep no ``s x s`` tensors: a calibration then drives ``act_attn``
-and ``mask_attn`` towards 0. A benchmark fits these constants to measured peaks.
+(width r) kept for ``lora_B``. Activations written as Python-level op chains keep more than the GeLU input
+(GPT-2's ``gelu_new``: 4 tensors of width i, see :data:`FFN_ACTIVATION_SAVES`).
+
+The masks are where CPU and GPU differ: CUDA's fused dropout keeps a bool mask (1 byte), PyTorch's CPU
+dropout keeps a mask in the input's dtype (4 bytes in fp32). The defaults of :class:`Calibration` are the
+CPU's, the device this was measured on; ``Calibration.for_device("cuda")`` has the bool masks (derived, not
+measured). Counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) on the project's
+classifier (PEFT LoRA, SDPA attention, which on the CPU with dropout runs the math path and keeps the
+``s x s`` tensors) matches this count to within 3.5% (the first adapted layer keeps slightly less: its
+input needs no gradient, so neither its LoRA-dropout masks nor, with query/value targets, the scaled query).
+Fused attention kernels (SDPA flash / memory-efficient on GPU) keep no ``s x s`` tensors: a calibration then
+drives ``act_attn`` and ``mask_attn`` towards 0.
+
+Validation (``benchmarks/memory_calibration.py``, results in ``benchmarks/results/memory``): peak RSS of
+real training steps in fresh processes, 7 configurations (MiniLM-L6 with uniform and heterogeneous ranks,
+a random-init 8-layer BERT and 6-layer GPT-2), all within 3% of the prediction; the two workspace
+constants are a least-squares fit on three of them, the other four are held out.
 """
 
 from __future__ import annotations
@@ -47,28 +60,64 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
 _DECIMAL = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS = _DECIMAL | {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _LLAMA_LIKE = ("llama", "qwen2", "mistral")
+#: Width-``i`` tensors an FFN activation keeps for backward (its input included), where that is not 1.
+#: Counted with ``saved_tensors_hooks`` on ``transformers.activations.ACT2FN`` (transformers 5.24, torch
+#: 2.13): fused kernels (``gelu``, ``gelu_pytorch_tanh``, ``relu``, ``silu``, ...) keep one tensor, while the
+#: activations written as chains of Python-level ops keep several, e.g. GPT-2's ``gelu_new``
+#: (``0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3)))``) keeps x, the tanh output, ``0.5 * x`` and ``1 + tanh``.
+FFN_ACTIVATION_SAVES: dict[str, float] = {
+    "gelu_new": 4.0,
+    "gelu_python_tanh": 4.0,
+    "gelu_accurate": 4.0,
+    "gelu_fast": 7.0,
+    "gelu_python": 3.0,
+    "gelu_10": 2.0,
+    "quick_gelu": 2.0,
+    "linear": 0.0,
+}
 
 
 @dataclass(frozen=True)
 class Calibration:
     """Constants of the activation and workspace model (defaults derived in the module docstring).
 
-    Units: ``act_*`` count saved tensors in elements of ``dtype_bytes``; ``mask_*`` count bytes (bool masks).
+    Units: ``act_*`` count saved tensors in elements of ``dtype_bytes``; ``mask_*`` count bytes. The defaults
+    are those of the CPU, where the project was measured (``benchmarks/memory_calibration.py``): dropout masks
+    there are fp32; :meth:`for_device` gives the CUDA variant with bool masks.
     """
 
     act_hidden: float = 5.0  # per b*s*h: Q, K, V and the two LayerNorm inputs of a layer
-    act_intermediate: float = 1.0  # per b*s*i: the GeLU input of a (non-gated) FFN
+    act_intermediate: float = 1.0  # per b*s*i and tensor the FFN activation keeps (see FFN_ACTIVATION_SAVES)
     act_intermediate_gated: float = 3.0  # per b*s*i: gate, up and SiLU(gate) of a SwiGLU FFN
     act_attn: float = 2.0  # per b*a*s^2: softmax output and attention-dropout output (eager attention)
     act_norm_stats: float = 4.0  # per b*s: mean and rstd of the two LayerNorms
-    mask_hidden: float = 2.0  # bytes per b*s*h: dropout masks after attention and after the FFN
-    mask_attn: float = 1.0  # bytes per b*a*s^2: attention-probability dropout mask
+    mask_hidden: float = 8.0  # bytes per b*s*h: the two dropout masks after attention and FFN (fp32 on CPU)
+    mask_attn: float = 4.0  # bytes per b*a*s^2: attention-probability dropout mask (fp32 on CPU)
     act_lora_input: float = 1.0  # per b*s*in of each adapted projection: its LoRA-dropout output
-    mask_lora_input: float = 1.0  # bytes per b*s*in of each adapted projection: that dropout's mask
+    mask_lora_input: float = 4.0  # bytes per b*s*in of each adapted projection: that dropout's mask (fp32)
     act_lora_rank: float = 1.0  # per b*s*r of each adapted projection: lora_A output kept for lora_B
-    workspace_layers: float = 1.0  # transient tensors, in units of one layer's saved activations
-    workspace_bytes: float = 0.0  # fixed allowance: cuBLAS workspace, allocator slack (CUDA context excluded)
+    # Tensors alive at the peak besides the saved ones (the peak is the end of the forward pass; torch.profiler
+    # finds ~28 MB more than the saved tensors at MiniLM 16x128, not itemised: the top layer's output and
+    # temporaries) and what the allocator and libraries hold. Least squares on measured peaks of
+    # three MiniLM configs (batch x seq 8x64, 16x128, 32x128, rank 8; benchmarks/memory_calibration.py), held
+    # out: two heterogeneous-rank MiniLM configs, an 8-layer BERT and a GPT-2 (all within 3%).
+    workspace_layers: float = 0.25  # in units of one layer's saved activations
+    workspace_bytes: float = 8e6  # fixed: allocator slack, logits, library buffers (a CUDA context excluded)
     adapter_bytes: int = 4  # bytes per LoRA parameter, gradient and optimizer moment (PEFT keeps them fp32)
+
+    @classmethod
+    def for_device(cls, device: str) -> Calibration:
+        """The constants for ``"cpu"`` (the defaults, measured) or ``"cuda"`` (bool dropout masks).
+
+        PyTorch's CPU dropout (``at::dropout``) draws its mask as a tensor of the input's dtype and keeps it
+        for backward; CUDA's fused ``native_dropout`` keeps a bool mask: one byte per element. The CUDA
+        variant is derived from that count, not measured on a GPU (the workspace constants are the CPU fit).
+        """
+        if device == "cpu":
+            return cls()
+        if device == "cuda":
+            return cls(mask_hidden=2.0, mask_attn=1.0, mask_lora_input=1.0)
+        raise ValueError(f"device {device!r} is invalid: expected 'cpu' or 'cuda'")
 
 
 @dataclass(frozen=True)
@@ -109,6 +158,9 @@ class ModelShape:
         Position embedding table (False for rotary embeddings).
     gated_ffn, attn_bias, mlp_bias, rms_norm : bool
         LLaMA-style blocks: SwiGLU FFN (3 matrices), bias-free projections, RMSNorm (weight only).
+    ffn_activation : str
+        The FFN activation as transformers names it (``hidden_act``, GPT-2's ``activation_function``,
+        DistilBERT's ``activation``): how many width-``i`` tensors it keeps (:data:`FFN_ACTIVATION_SAVES`).
     """
 
     num_layers: int
@@ -128,6 +180,7 @@ class ModelShape:
     attn_bias: bool = True
     mlp_bias: bool = True
     rms_norm: bool = False
+    ffn_activation: str = "gelu"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "intermediate", "num_heads", "vocab", "max_positions"):
@@ -195,6 +248,9 @@ class ModelShape:
             "attn_bias": bool(config.get("attention_bias", family == "qwen2")) if llama_like else True,
             "mlp_bias": bool(config.get("mlp_bias", False)) if llama_like else True,
             "rms_norm": llama_like,
+            "ffn_activation": str(
+                config.get("hidden_act") or config.get("activation_function") or config.get("activation") or "gelu"
+            ),
         }
         names = tuple(t if isinstance(t, str) else f"target{j}" for j, t in enumerate(targets))
         probe = cls(**shape, lora_targets_per_layer=((1, 1),))  # only to size the named targets
@@ -280,7 +336,10 @@ def _layer_activation_bytes(model: ModelShape, train: TrainShape, cal: Calibrati
     """Bytes one layer keeps for backward when a gradient has to flow through it (adapters excluded)."""
     b, s, d = train.batch, train.seq_len, train.dtype_bytes
     tokens, scores = b * s, b * model.num_heads * s * s
-    inter = cal.act_intermediate_gated if model.gated_ffn else cal.act_intermediate
+    if model.gated_ffn:
+        inter = cal.act_intermediate_gated
+    else:
+        inter = cal.act_intermediate * FFN_ACTIVATION_SAVES.get(model.ffn_activation, 1.0)
     elements = cal.act_hidden * tokens * model.hidden + inter * tokens * model.intermediate + cal.act_attn * scores
     masks = cal.mask_hidden * tokens * model.hidden + cal.mask_attn * scores
     return round(d * (elements + cal.act_norm_stats * tokens) + masks)
