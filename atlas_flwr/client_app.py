@@ -14,6 +14,7 @@ from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, to_record
+from atlas_flwr.train import pick_device
 from strategies.memory import DeviceProfile, parse_size, profile_for
 
 quiet_libraries()
@@ -78,6 +79,7 @@ def describe(message: Message, context: Context) -> Message:
             "eval-digest": data.eval_digest,
             "device-profile": profile.name,
             "memory-bytes": profile.memory_bytes,
+            "device": pick_device(cfg.device).type,
         }
     )
     return Message(RecordDict({"client": record}), reply_to=message)

@@ -27,7 +27,7 @@ from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
 from strategies.aggregation import State
 from strategies.clustering import adjusted_rand
-from strategies.memory import predict_peak_bytes
+from strategies.memory import Calibration, predict_peak_bytes
 from strategies.pipeline import (
     ClientInfo,
     Member,
@@ -86,6 +86,7 @@ def describe_clients(grid: Grid, cfg: Config) -> list[ClientInfo]:
                 eval_digest=str(record.get("eval-digest", "")),
                 device_profile=str(record.get("device-profile", "")),
                 memory_bytes=int(record.get("memory-bytes", 0)),
+                device=str(record.get("device", "cpu")),
             )
         )
     ids = sorted(c.client_id for c in clients)
@@ -282,12 +283,23 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     rank_rows: list[dict[str, Any]] = []
     built: dict[tuple, tuple[State, State]] = {}
     for i, client in enumerate(clients):
-        row: dict[str, Any] = {"client-id": client.client_id, "task": client.task, "device": client.device_profile}
+        row: dict[str, Any] = {
+            "client-id": client.client_id,
+            "task": client.task,
+            "device": client.device_profile,
+            "trains-on": client.device,
+        }
         row["memory-budget-bytes"] = client.memory_bytes
         if switches.ranks == "budget":
             try:
                 allocation, pattern = plan_ranks(
-                    shape, step, client.memory_bytes, list(prints.importance[i]), layers, cfg.lora_rank
+                    shape,
+                    step,
+                    client.memory_bytes,
+                    list(prints.importance[i]),
+                    layers,
+                    cfg.lora_rank,
+                    Calibration.for_device(client.device),
                 )
             except ValueError as err:
                 raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
@@ -299,7 +311,8 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
         else:
             initial[client.client_id] = uniform
             ranks = [cfg.lora_rank] * shape.num_layers
-            predicted, binding = predict_peak_bytes(shape, step, ranks)["total"], None
+            calibration = Calibration.for_device(client.device)
+            predicted, binding = predict_peak_bytes(shape, step, ranks, calibration=calibration)["total"], None
         row |= {
             "ranks-per-layer": " ".join(map(str, ranks)),
             "adapter-params": int(sum(v.size for v in initial[client.client_id][0].values())),

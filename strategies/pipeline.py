@@ -47,7 +47,7 @@ from strategies.aggregation import (
 )
 from strategies.clustering import ClusterResult, canonical_labels, cluster_fingerprints
 from strategies.laplacian import laplacian_states, similarity_graph
-from strategies.memory import ModelShape, RankAllocation, TrainShape, allocate_ranks
+from strategies.memory import Calibration, ModelShape, RankAllocation, TrainShape, allocate_ranks
 
 CLUSTERINGS = ("none", "learned", "oracle")
 RANK_MODES = ("uniform", "budget")
@@ -110,6 +110,7 @@ class ClientInfo:
     eval_digest: str = ""  # equal digests: the same evaluation rows (empty: unknown)
     device_profile: str = ""
     memory_bytes: int = 0
+    device: str = "cpu"  # where it trains: the memory model's constants differ (CPU dropout masks are fp32)
 
 
 @dataclass(frozen=True)
@@ -236,12 +237,13 @@ def plan_ranks(
     importance: Sequence[float],
     modules_per_layer: Sequence[Sequence[str]],
     max_rank: int,
+    calibration: Calibration | None = None,
 ) -> tuple[RankAllocation, dict[str, int]]:
     """Per-layer ranks under a client's memory budget, and the module -> rank map its adapter gets.
 
     Raises ValueError (one line) when the budget cannot hold even one adapted layer.
     """
-    allocation = allocate_ranks(model, train, budget_bytes, importance, max_rank=max_rank)
+    allocation = allocate_ranks(model, train, budget_bytes, importance, max_rank=max_rank, calibration=calibration)
     if not any(allocation.ranks):
         raise ValueError(
             f"memory budget {budget_bytes / 1e6:.0f} MB fits no LoRA layer "

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The CPU protocol (configs/protocol.toml) for every method, through `flwr run` (atlas-run).
+# Results: benchmarks/results/protocol/<label>/ ; table: python benchmarks/protocol_table.py
+# Usage: benchmarks/protocol.sh [label ...]   (default: all labels below)
+# A label is a method, or a method with one switch changed (exact vs zero-pad vs factor-avg aggregation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="$PWD/benchmarks/results/protocol"
+declare -A extra=(
+  [local-only]=""
+  [fedavg]=""
+  [fedavg-cluster]=""
+  [atlas-no-laplacian]=""
+  [atlas]=""
+  [atlas-no-laplacian+zero-pad]="aggregation=\"zero-pad\""
+  [atlas-no-laplacian+factor-avg]="aggregation=\"factor-avg\""
+)
+order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg)
+labels=("$@")
+[ ${#labels[@]} -gt 0 ] || labels=("${order[@]}")
+for label in "${labels[@]}"; do
+  [ -v "extra[$label]" ] || { echo "unknown label $label: expected one of ${order[*]}" >&2; exit 2; }
+  method=${label%%+*}
+  sets=(--set "strategy=\"$method\"" --set "output-dir=\"$out\"" --set "run-name=\"$label\"")
+  [ -z "${extra[$label]}" ] || sets+=(--set "${extra[$label]}")
+  rm -rf "${out:?}/$label"
+  start=$(date +%s)
+  atlas-run configs/protocol.toml "${sets[@]}"
+  echo "$label: $(( $(date +%s) - start )) s end to end (atlas-run)" | tee "$out/$label/wall-clock.txt"
+done
