@@ -1,0 +1,283 @@
+"""``atlas-report``: tables and figures from any set of run directories (methods x seeds).
+
+    atlas-report outputs/run-a outputs/run-b ... --out reports/x
+    atlas-report benchmarks/results/protocol --out reports/protocol   # every run below a folder
+
+Writes ``methods.md``/``.csv`` (per-task metrics as mean ± std over seeds, worst client, bytes and
+seconds per round, predicted peak memory), ``paired.md``/``.csv`` (each method against a reference
+method over matched (seed, client) pairs: mean difference and a Wilcoxon signed-rank test), and
+PNG figures: convergence, per-client heatmap, cluster adjacency, rank allocation, and
+communication against accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "qnli": "accuracy", "rte": "accuracy"}
+#: Switch values that make a run a variant of its strategy's preset.
+SWITCHES = ("clustering", "ranks", "aggregation")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory, loaded."""
+
+    path: Path
+    method: str
+    seed: int
+    tasks: tuple[str, ...]
+    rounds: list[dict[str, Any]]
+    clients: list[dict[str, Any]]
+    ranks: list[dict[str, Any]]
+    adjacency: np.ndarray | None
+    clusters: dict[str, Any]
+
+    def client_main(self) -> dict[int, float]:
+        """Each client's final main metric (the one of its task)."""
+        return {int(c["client-id"]): float(c[MAIN_METRIC[c["task"]]]) for c in self.clients}
+
+
+def method_label(run_config: dict[str, Any]) -> str:
+    """The strategy, plus every switch set away from its preset (``atlas+aggregation=zero-pad``)."""
+    label = str(run_config["strategy"])
+    for key in SWITCHES:
+        value = run_config.get(key, "preset")
+        if value != "preset":
+            label += f"+{key}={value}"
+    return label
+
+
+def load_run(path: Path) -> Run:
+    """Read a run directory written by the ServerApp; a missing file is a one-line error."""
+
+    def read(name: str, default: Any = None) -> Any:
+        file = path / name
+        if not file.is_file():
+            if default is not None:
+                return default
+            raise FileNotFoundError(f"{file} is missing: not a finished ATLAS-FL run directory")
+        return json.loads(file.read_text())
+
+    config = read("config.json")["run-config"]
+    read("summary.json")  # only finished runs are reported
+    adjacency = read("adjacency.json", {})
+    return Run(
+        path=path,
+        method=method_label(config),
+        seed=int(config["seed"]),
+        tasks=tuple(t.strip() for t in str(config["tasks"]).split(",")),
+        rounds=read("rounds.json"),
+        clients=read("clients.json"),
+        ranks=read("ranks.json", []),
+        adjacency=np.array(adjacency["a"]) if adjacency else None,
+        clusters=read("clusters.json", {}),
+    )
+
+
+def find_runs(paths: Sequence[Path]) -> list[Run]:
+    """Run directories given directly or found below the given folders (by their summary.json)."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: expected a run directory or a folder of runs")
+        found += [path] if (path / "summary.json").is_file() else sorted(p.parent for p in path.rglob("summary.json"))
+    if not found:
+        raise FileNotFoundError(f"no run directory (with summary.json) under {', '.join(map(str, paths))}")
+    return [load_run(p) for p in found]
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    arr = np.asarray(values, dtype=float)
+    return f"{arr.mean():.3f} ± {arr.std(ddof=1):.3f}" if len(arr) > 1 else f"{arr.mean():.3f}"
+
+
+def method_table(runs: Sequence[Run]) -> list[dict[str, str]]:
+    """One row per method, over its seeds."""
+    by_method: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+    rows = []
+    for method, group in by_method.items():
+        tasks = group[0].tasks
+        row = {"method": method, "seeds": str(len(group))}
+        for task in tasks:
+            for metric in ("accuracy", "f1", "mcc"):
+                row[f"{task} {metric}"] = _mean_std([r.rounds[-1][f"{task}-{metric}"] for r in group])
+        row["mean main"] = _mean_std([r.rounds[-1]["mean-main-metric"] for r in group])
+        row["worst client"] = _mean_std([min(r.client_main().values()) for r in group])
+        row["MB down / round"] = f"{np.mean([np.mean([x['bytes-sent'] for x in r.rounds]) for r in group]) / 1e6:.2f}"
+        row["MB up / round"] = f"{np.mean([np.mean([x['bytes-received'] for x in r.rounds]) for r in group]) / 1e6:.2f}"
+        row["s / round"] = f"{np.mean([np.mean([x['round-seconds'] for x in r.rounds]) for r in group]):.1f}"
+        peaks = [max(x["predicted-peak-bytes"] for x in r.ranks) for r in group if r.ranks]
+        row["max predicted peak MB"] = f"{max(peaks) / 1e6:.0f}" if peaks else ""
+        over = [sum(not x["fits-budget"] for x in r.ranks) for r in group if r.ranks]
+        row["clients over budget"] = f"{max(over)}" if over else ""
+        rows.append(row)
+    return rows
+
+
+def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
+    """Each method against ``reference`` on (seed, client) pairs of final main metrics."""
+    from scipy.stats import wilcoxon
+
+    scores: dict[str, dict[tuple[int, int], float]] = defaultdict(dict)
+    for run in runs:
+        for client, value in run.client_main().items():
+            scores[run.method][(run.seed, client)] = value
+    if reference not in scores:
+        raise ValueError(f"reference method {reference!r} is not among the runs: {', '.join(sorted(scores))}")
+    rows = []
+    base = scores[reference]
+    for method, values in scores.items():
+        if method == reference:
+            continue
+        keys = sorted(set(values) & set(base))
+        diff = np.array([values[k] - base[k] for k in keys])
+        p = float("nan")
+        if len(diff) >= 2 and np.any(diff != 0):
+            p = float(wilcoxon(diff).pvalue)
+        rows.append(
+            {
+                "method": method,
+                "reference": reference,
+                "pairs (seed, client)": str(len(keys)),
+                "mean difference": f"{diff.mean():+.4f}" if len(diff) else "",
+                "wins / ties / losses": f"{(diff > 0).sum()} / {(diff == 0).sum()} / {(diff < 0).sum()}",
+                "Wilcoxon p": f"{p:.3g}",
+            }
+        )
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, str]]) -> str:
+    """A markdown table of rows with the same keys."""
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r.get(h, "") for h in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: Sequence[dict[str, str]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def figures(runs: Sequence[Run], out: Path) -> list[Path]:
+    """Draw the PNG figures; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, group in by_method.items():
+        curve = np.mean([[r["mean-main-metric"] for r in run.rounds] for run in group], axis=0)
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=method)
+    ax.set(xlabel="round", ylabel="mean of task main metrics", title="Convergence (mean over seeds)")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / "convergence.png"))
+
+    methods = list(by_method)
+    clients = sorted({c for run in runs for c in run.client_main()})
+    grid = np.array(
+        [[np.mean([r.client_main().get(c, np.nan) for r in by_method[m]]) for c in clients] for m in methods]
+    )
+    fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.5), 1 + 0.5 * len(methods)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set(xticks=range(len(clients)), xticklabels=clients, yticks=range(len(methods)), yticklabels=methods)
+    ax.set(xlabel="client", title="Final main metric per client")
+    fig.colorbar(image, ax=ax)
+    written.append(_save(fig, out / "clients-heatmap.png"))
+
+    with_graph = next((r for r in runs if r.adjacency is not None), None)
+    if with_graph is not None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        image = ax.imshow(with_graph.adjacency, cmap="magma")
+        ax.set(title=f"Fingerprint graph a_kl ({with_graph.method}, groups {with_graph.clusters.get('groups')})")
+        ax.title.set_fontsize(7)
+        fig.colorbar(image, ax=ax)
+        written.append(_save(fig, out / "adjacency.png"))
+
+    with_ranks = next((r for r in runs if r.ranks and r.ranks[0].get("budget-binds") is not None), None)
+    if with_ranks is not None:
+        ranks = np.array([[int(x) for x in row["ranks-per-layer"].split()] for row in with_ranks.ranks])
+        fig, ax = plt.subplots(figsize=(5, 4))
+        image = ax.imshow(ranks, aspect="auto", cmap="Blues")
+        labels = [f"{row['client-id']} {row['device']}" for row in with_ranks.ranks]
+        ax.set(xlabel="layer", ylabel="client", yticks=range(len(labels)), yticklabels=labels)
+        ax.set_title(f"LoRA rank per client and layer ({with_ranks.method})", fontsize=8)
+        fig.colorbar(image, ax=ax)
+        written.append(_save(fig, out / "ranks.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, group in by_method.items():
+        mb = np.mean([np.mean([x["bytes-sent"] + x["bytes-received"] for x in r.rounds]) for r in group]) / 1e6
+        acc = np.mean([r.rounds[-1]["mean-main-metric"] for r in group])
+        ax.scatter(mb, acc)
+        ax.annotate(method, (mb, acc), fontsize=7)
+    ax.set(xlabel="MB per round (down + up)", ylabel="final mean main metric", title="Communication against accuracy")
+    written.append(_save(fig, out / "communication.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``atlas-report``."""
+    parser = argparse.ArgumentParser(prog="atlas-report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories or folders of runs")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the tables and figures")
+    parser.add_argument("--reference", default="fedavg", help="method the others are compared with")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.runs)
+        methods = method_table(runs)
+        references = {r.method for r in runs}
+        paired = paired_table(runs, args.reference) if args.reference in references else []
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"atlas-report: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    for stem, rows in (("methods", methods), ("paired", paired)):
+        (args.out / f"{stem}.md").write_text(markdown(rows))
+        (args.out / f"{stem}.csv").write_text(_csv(rows))
+    pngs = figures(runs, args.out)
+    print(markdown(methods))
+    if paired:
+        print(markdown(paired))
+    print(f"{len(runs)} runs; tables and {len(pngs)} figures in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
