@@ -1,0 +1,115 @@
+"""One SplitLoRA step, as two halves that only exchange tensors (no Flower here).
+
+Client: ``activations = client.forward(batch)`` → (sent) → server:
+``grad, loss = server.step(activations, mask, labels)`` → (sent back) → client:
+``client.backward(grad)``. Each side runs AdamW on its own parameters; AdamW updates every
+parameter from its own gradient only, so the split run takes exactly the steps that joint
+training of the whole model would (tested).
+
+The client keeps the graph of its last forward between the two calls when it can; when the
+process that runs the backward is not the one that ran the forward (simulation does not tie a
+node to one worker), it recomputes the forward under the same seed, which gives the same
+activations and dropout masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from atlas_flwr.errors import AtlasError
+from atlas_flwr.models.split import SplitClassifier
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def _inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+
+
+class ClientSide:
+    """The client's half: embeddings, blocks [0, cut) and their LoRA, with their AdamW."""
+
+    def __init__(self, split: SplitClassifier, *, lr: float, weight_decay: float) -> None:
+        self.split = split
+        self.params = split.parameters("client")
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self._pending: tuple[int, torch.Tensor] | None = None
+
+    def forward(self, batch: Batch, seed: int) -> torch.Tensor:
+        """Cut-layer activations of ``batch`` (a detached copy, to send); the graph is kept for backward."""
+        self.split.model.train()
+        torch.manual_seed(seed)  # dropout masks: a recomputation with this seed reproduces them
+        activations = self.split.bottom(*_inputs(batch))
+        self._pending = (seed, activations)
+        return activations.detach()
+
+    def backward(self, grad: torch.Tensor, batch: Batch | None = None, seed: int | None = None) -> None:
+        """Backpropagate the server's gradient through the bottom and take one AdamW step.
+
+        Without the graph of the forward (another process ran it), ``batch`` and ``seed`` recompute it.
+        """
+        if self._pending is None or (seed is not None and self._pending[0] != seed):
+            if batch is None or seed is None:
+                raise AtlasError("a gradient arrived for a forward this client did not run: send the batch and seed")
+            self.forward(batch, seed)
+        _, activations = self._pending
+        if grad.shape != activations.shape or not torch.isfinite(grad).all():
+            raise AtlasError(f"gradient of shape {tuple(grad.shape)} is not finite or not {tuple(activations.shape)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        activations.backward(grad)
+        self.optimizer.step()
+        self._pending = None
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW moments and step counts as arrays (to keep between messages in ``context.state``)."""
+        out: dict[str, np.ndarray] = {}
+        for i, param in enumerate(self.params):
+            for key, value in self.optimizer.state.get(param, {}).items():
+                out[f"{i}.{key}"] = value.detach().cpu().numpy().copy()
+        return out
+
+    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`optimizer_state`; shapes must match this client's parameters."""
+        for name, value in arrays.items():
+            index, key = name.split(".", 1)
+            param = self.params[int(index)]
+            tensor = torch.from_numpy(np.array(value, copy=True))
+            if key != "step" and tensor.shape != param.shape:
+                raise AtlasError(
+                    f"optimizer state {name!r} has shape {tuple(tensor.shape)}: expected {tuple(param.shape)}"
+                )
+            self.optimizer.state[param][key] = tensor
+
+
+class ServerSide:
+    """The server's half: blocks [cut, L), their LoRA and the task head, with their AdamW."""
+
+    def __init__(self, split: SplitClassifier, *, lr: float, head_lr: float, weight_decay: float) -> None:
+        self.split = split
+        names = {id(p): n for n, p in split.model.named_parameters()}
+        params = split.parameters("server")
+        groups = [
+            {"params": [p for p in params if not names[id(p)].startswith("head.")], "lr": lr},
+            {"params": [p for p in params if names[id(p)].startswith("head.")], "lr": head_lr},
+        ]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(
+        self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, float]:
+        """Forward and backward of the top on received activations, one AdamW step; the activations' gradient."""
+        self.split.model.train()
+        torch.manual_seed(seed)
+        received = activations.detach().requires_grad_(True)
+        loss = self.loss_fn(self.split.top(received, attention_mask), labels)
+        if not math.isfinite(loss.item()):
+            raise AtlasError(f"split training loss became {loss.item()}: lower lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return received.grad.detach(), float(loss.item())
