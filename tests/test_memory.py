@@ -370,3 +370,26 @@ def test_predicted_activations_match_saved_tensors(tmp_path, family: str, config
     counted = sum(kept.values())
     # The first adapted layer keeps a little less (its input needs no gradient): a small over-count.
     assert 0 <= predicted - counted <= 0.05 * counted, (predicted, counted)
+
+
+def test_split_client_is_the_truncated_model_plus_sent_activations(minilm: ModelShape) -> None:
+    from strategies.memory import choose_split, split_client_peak_bytes
+
+    model = minilm
+    train = TrainShape(batch=16, seq_len=128)
+    ranks = [8] * model.num_layers
+    full = predict_peak_bytes(model, train, ranks)
+    parts = [split_client_peak_bytes(model, train, ranks, cut) for cut in range(1, model.num_layers)]
+    totals = [p["total"] for p in parts]
+    assert totals == sorted(totals) and totals[-1] < full["total"]  # deeper cut, more client memory
+    assert parts[0]["sent_activations"] == 16 * 128 * model.hidden * 4
+    # Cut 1 keeps the embeddings and one block: most of the frozen weights of MiniLM are the embeddings.
+    per_block = (full["frozen_weights"] - parts[0]["frozen_weights"]) // (model.num_layers - 1)
+    assert 0 < per_block < parts[0]["frozen_weights"]
+    cut, chosen = choose_split(model, train, (totals[2] + totals[3]) // 2, ranks)
+    assert cut == 3 and chosen["total"] == totals[2]
+    assert choose_split(model, train, full["total"], ranks)[0] == model.num_layers - 1
+    with pytest.raises(ValueError, match="needs with one block"):
+        choose_split(model, train, totals[0] - 1, ranks)
+    with pytest.raises(ValueError, match="split point 6 is invalid for a 6-layer model"):
+        split_client_peak_bytes(model, train, ranks, 6)
