@@ -1,0 +1,127 @@
+"""The client's side of split learning: one ``train.split`` message per step.
+
+A step message may carry the gradient of the previous step's activations (the client applies it)
+and asks for the next batch's activations (the client sends them with the attention mask and the
+labels). The first message of a round carries the bottom adapter; the last one asks for it back.
+Between messages the client keeps its bottom adapter and AdamW state in ``context.state``, because
+the simulation engine does not tie a node to one worker process. A worker that still holds the
+graph of the previous forward uses it; another one recomputes that forward under the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from transformers import DataCollatorWithPadding
+
+from atlas_flwr.config import Config
+from atlas_flwr.errors import AtlasError
+from atlas_flwr.local import client_data, new_model
+from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state, load_tokenizer
+from atlas_flwr.models.registry import resolve_model
+from atlas_flwr.models.split import SplitClassifier
+from atlas_flwr.records import from_record, to_record, to_torch
+from atlas_flwr.split_train import ClientSide
+from atlas_flwr.train import seed_for
+from strategies.pipeline import module_ranks
+
+STATE_ADAPTER, STATE_OPTIMIZER = "split-bottom", "split-optimizer"
+
+
+@dataclass
+class _Worker:
+    """What one worker process keeps for a node between messages (a cache; context.state is the truth)."""
+
+    round: int
+    step: int
+    client: ClientSide
+
+
+_WORKERS: dict[tuple[int, int], _Worker] = {}  # (run id, node id) -> worker cache
+
+
+@lru_cache(maxsize=64)
+def batch_plan(cfg: Config, client_id: int, server_round: int) -> tuple[tuple[int, ...], ...]:
+    """The row indices of every step of a round: ``local-epochs`` seeded passes in ``batch-size`` batches."""
+    from atlas_flwr.data import make_loader
+
+    data = client_data(cfg, client_id)
+    steps: list[tuple[int, ...]] = []
+    for epoch in range(cfg.local_epochs):
+        loader = make_loader(
+            data.train,
+            load_tokenizer(cfg.model),
+            cfg.batch_size,
+            shuffle=True,
+            seed=seed_for(cfg.seed, client_id, server_round, epoch),
+            group_by_length=cfg.group_by_length,
+        )
+        steps += [tuple(int(i) for i in batch) for batch in loader.batch_sampler]
+    return tuple(steps)
+
+
+def batch_at(cfg: Config, client_id: int, server_round: int, step: int) -> dict[str, torch.Tensor]:
+    """The padded batch of one step."""
+    data = client_data(cfg, client_id)
+    rows = [data.train[i] for i in batch_plan(cfg, client_id, server_round)[step]]
+    return dict(DataCollatorWithPadding(load_tokenizer(cfg.model))(rows))
+
+
+def _new_client(cfg: Config, task: str, bottom: dict, cut: int) -> ClientSide:
+    lora = LoraSettings.from_module_ranks(module_ranks(bottom), cfg.lora_alpha, cfg.lora_dropout)
+    model = new_model(cfg, task, lora)
+    load_adapter_state(model, to_torch(bottom))
+    return ClientSide(
+        SplitClassifier(model, resolve_model(cfg.model).family, cut), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+
+
+def split_step(message: Message, context: Context, cfg: Config, client_id: int) -> Message:
+    """Apply the received gradient (if any), then send the next activations or, at the end, the bottom adapter."""
+    conf = message.content.config_records["config"]
+    server_round, step, cut = int(conf["server-round"]), int(conf["step"]), int(conf["cut"])
+    data = client_data(cfg, client_id)
+    plan = batch_plan(cfg, client_id, server_round)
+    key = (context.run_id, context.node_id)
+    worker = _WORKERS.get(key)
+    if step == 0:
+        if "bottom" not in message.content.array_records:
+            raise AtlasError("the first split step of a round must carry the bottom adapter")
+        bottom = from_record(message.content.array_records["bottom"])
+        worker = _Worker(server_round, 0, _new_client(cfg, data.task, bottom, cut))
+    elif worker is None or (worker.round, worker.step) != (server_round, step):
+        # Another worker ran the previous step: rebuild from context.state.
+        if STATE_ADAPTER not in context.state.array_records:
+            raise AtlasError(f"split step {step} of round {server_round} arrived before step 0 on this node")
+        client = _new_client(cfg, data.task, from_record(context.state.array_records[STATE_ADAPTER]), cut)
+        client.load_optimizer_state(from_record(context.state.array_records[STATE_OPTIMIZER]))
+        worker = _Worker(server_round, step, client)
+    if "grad" in message.content.array_records:
+        grad = torch.from_numpy(from_record(message.content.array_records["grad"])["grad"].copy())
+        previous = step - 1
+        worker.client.backward(
+            grad,
+            batch_at(cfg, client_id, server_round, previous),
+            seed_for(cfg.seed, client_id, server_round, previous),
+        )
+    bottom_now = adapter_state(worker.client.split.model)
+    context.state.array_records[STATE_ADAPTER] = to_record(bottom_now)
+    context.state.array_records[STATE_OPTIMIZER] = to_record(worker.client.optimizer_state())
+    content = RecordDict({"metrics": MetricRecord({"client-id": client_id, "steps": len(plan)})})
+    if step < len(plan):
+        batch = batch_at(cfg, client_id, server_round, step)
+        activations = worker.client.forward(batch, seed_for(cfg.seed, client_id, server_round, step))
+        content["activations"] = to_record(
+            {"activations": activations, "attention-mask": batch["attention_mask"], "labels": batch["labels"]}
+        )
+        worker.step = step + 1
+        _WORKERS[key] = worker
+    else:
+        content["bottom"] = to_record(bottom_now)
+        content["metrics"]["num-examples"] = sum(len(b) for b in plan)
+        _WORKERS.pop(key, None)
+    content["config"] = ConfigRecord({"step": step})
+    return Message(content, reply_to=message)

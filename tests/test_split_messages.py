@@ -1,0 +1,120 @@
+"""Split learning over Flower messages (in-process Grid): the same steps as the halves run directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+
+from atlas_flwr import split_client
+from atlas_flwr.client_app import client_identity
+from atlas_flwr.config import Config
+from atlas_flwr.local import initial_state, new_model
+from atlas_flwr.local_grid import LocalGrid
+from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state
+from atlas_flwr.models.split import SplitClassifier
+from atlas_flwr.records import to_numpy, to_torch
+from atlas_flwr.split_client import batch_at, batch_plan, split_step
+from atlas_flwr.split_server import SplitGroup, merge_bottoms, run_split_round, server_half, split_adapter
+from atlas_flwr.split_train import ClientSide
+from atlas_flwr.train import seed_for
+from strategies.pipeline import ClientInfo, module_ranks
+
+
+def _app(forget_between_messages: bool) -> ClientApp:
+    app = ClientApp()
+
+    @app.train("split")
+    def train_split(message, context):
+        if forget_between_messages:  # every message lands on a fresh worker: only context.state survives
+            split_client._WORKERS.clear()
+        cfg, client_id = client_identity(context)
+        return split_step(message, context, cfg, client_id)
+
+    return app
+
+
+@pytest.fixture()
+def cfg_values(run_config: dict, tiny_models: dict) -> dict:
+    run_config.update(
+        {
+            "model": tiny_models["bert"],
+            "tasks": "sst2",
+            "clients-per-task": 2,
+            "max-samples-per-client": 20,
+            "batch-size": 8,
+            "lr": 0.01,
+            "max-length": 32,
+        }
+    )
+    return run_config
+
+
+def _server_and_bottom(cfg: Config):
+    adapter = to_numpy(initial_state(cfg)[0])
+    rng = torch.Generator().manual_seed(1)
+    adapter = {
+        k: (torch.randn(v.shape, generator=rng).numpy() * 0.1 if "lora_B" in k else v) for k, v in adapter.items()
+    }
+    bottom, top = split_adapter(adapter, 1)
+    model = new_model(cfg, "sst2", LoraSettings.from_module_ranks(module_ranks(top), cfg.lora_alpha, cfg.lora_dropout))
+    load_adapter_state(model, to_torch(top))
+    return bottom, model
+
+
+def _run(cfg_values: dict, forget: bool):
+    cfg = Config.from_run_config(cfg_values)
+    bottom, server_model = _server_and_bottom(cfg)
+    grid = LocalGrid(_app(forget), cfg_values, cfg.num_clients)
+    clients = [ClientInfo(i, n, "sst2", 20, 0) for i, n in enumerate(sorted(grid.get_node_ids()))]
+    group = SplitGroup(1, server_half(server_model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay), clients)
+    result = run_split_round(grid, [group], {c.client_id: bottom for c in clients}, server_round=1, seed=cfg.seed)
+    return cfg, bottom, server_model, result, grid
+
+
+def test_message_rounds_match_direct_steps_with_and_without_worker_cache(cfg_values: dict) -> None:
+    cfg, bottom, server_model, cached, grid = _run(cfg_values, forget=False)
+    _, _, server_model_2, fresh, _ = _run(cfg_values, forget=True)
+    assert cached.steps == len(batch_plan(cfg, 0, 1)) + 1 == 4  # 20 rows in batches of 8, then the final reply
+    assert grid.messages_seen.count("train.split") == 2 * 4
+    for cid in (0, 1):
+        for key, value in cached.bottoms[cid].items():
+            torch.testing.assert_close(torch.from_numpy(fresh.bottoms[cid][key]), torch.from_numpy(value))
+    for a, b in zip(server_model.parameters(), server_model_2.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+    # The same steps run directly: client 0 then client 1 at each step, as the server orders them.
+    _, model = _server_and_bottom(cfg)
+    direct_server = server_half(model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay)
+    sides = {}
+    for cid in (0, 1):
+        m = new_model(
+            cfg, "sst2", LoraSettings.from_module_ranks(module_ranks(bottom), cfg.lora_alpha, cfg.lora_dropout)
+        )
+        load_adapter_state(m, to_torch(bottom))
+        sides[cid] = ClientSide(SplitClassifier(m, "bert", 1), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step in range(3):
+        for cid in (0, 1):
+            batch = batch_at(cfg, cid, 1, step)
+            acts = sides[cid].forward(batch, seed_for(cfg.seed, cid, 1, step))
+            grad, _ = direct_server.step(
+                acts, batch["attention_mask"], batch["labels"], seed_for(cfg.seed, cid, 1, step, 1)
+            )
+            sides[cid].backward(grad)
+    for cid in (0, 1):
+        direct = to_numpy(adapter_state(sides[cid].split.model))
+        for key, value in direct.items():
+            torch.testing.assert_close(torch.from_numpy(cached.bottoms[cid][key]), torch.from_numpy(value))
+    for a, b in zip(server_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bytes_are_counted_by_kind_and_bottoms_merge_exactly(cfg_values: dict) -> None:
+    cfg, bottom, _, result, _ = _run(cfg_values, forget=False)
+    assert set(result.bytes) == {"adapters-down", "adapters-up", "activations-up", "gradients-down"}
+    # Activations and their gradients have the same shapes: the same bytes up as down (headers aside).
+    assert result.bytes["activations-up"] > result.bytes["gradients-down"] > 0
+    assert result.num_examples == {0: 20, 1: 20}
+    group = SplitGroup(1, None, [ClientInfo(0, 0, "sst2", 20, 0), ClientInfo(1, 1, "sst2", 20, 0)])
+    merged = merge_bottoms(result, [group], cfg.lora_alpha)
+    assert merged[0] is merged[1] and set(merged[0]) == set(bottom)
