@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from atlas_flwr.config import DATA_DIR_ENV, Config
+from atlas_flwr.config import DATA_DIR_ENV, EUROSAT_DATA_ENV, Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.launch import LocalSuperLink, run_status, stream_flwr_run
 from atlas_flwr.preflight import preflight
@@ -62,7 +62,10 @@ def resolve_run_config(app: Path, config_file: Path | None, overrides: Sequence[
     if not values.get("data-dir"):
         shared = app.parent / "shared" / "data" / "glue"
         values["data-dir"] = os.environ.get(DATA_DIR_ENV) or (str(shared) if shared.is_dir() else "")
-    for key in ("data-dir", "output-dir"):
+    if not values.get("eurosat-data"):
+        npz = app.parent / "shared" / "data" / "eurosat" / "eurosat_rgb_jpeg.npz"
+        values["eurosat-data"] = os.environ.get(EUROSAT_DATA_ENV) or (str(npz) if npz.is_file() else "")
+    for key in ("data-dir", "output-dir", "eurosat-data"):
         if values.get(key):
             values[key] = str(Path(values[key]).expanduser().resolve())
     if not values.get("output-dir"):

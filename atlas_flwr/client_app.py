@@ -11,6 +11,8 @@ from flwr.common.logger import log
 
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
+from atlas_flwr.eurosat.client import eurosat_train
+from atlas_flwr.identity import client_identity
 from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, to_record
@@ -19,29 +21,6 @@ from strategies.memory import DeviceProfile, parse_size, profile_for
 
 quiet_libraries()
 app = ClientApp()
-
-
-def client_identity(context: Context) -> tuple[Config, int]:
-    """The run config and this client's id (``partition-id`` of its node config).
-
-    In simulation the engine sets ``partition-id`` and ``num-partitions``; on the
-    Deployment Engine the SuperNode's ``--node-config`` does. One code path for both.
-    """
-    cfg = Config.from_run_config(context.run_config)
-    node = context.node_config
-    if "partition-id" not in node:
-        raise AtlasError(
-            "node_config lacks 'partition-id': start the SuperNode with --node-config 'partition-id=N ...'"
-        )
-    client_id = int(node["partition-id"])
-    num_partitions = int(node.get("num-partitions", cfg.num_clients))
-    if num_partitions != cfg.num_clients:
-        raise AtlasError(
-            f"num-partitions = {num_partitions} but tasks x clients-per-task = {cfg.num_clients}: "
-            "run with as many SuperNodes as clients"
-        )
-    cfg.task_of(client_id)  # range check
-    return cfg, client_id
 
 
 def _states(message: Message) -> tuple[dict, dict]:
@@ -106,6 +85,8 @@ def fingerprint(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the received adapter and head locally; reply with both and the train loss."""
+    if context.run_config.get("workload") == "eurosat":
+        return eurosat_train(message, context)
     cfg, client_id = client_identity(context)
     server_round = int(message.content.config_records["config"]["server-round"])
     adapter, head = _states(message)

@@ -24,10 +24,14 @@ FINGERPRINT_KINDS = ("embedding", "embedding-labels", "lora-grad")
 PARTITIONERS = ("iid", "dirichlet")
 POOLINGS = ("mean", "cls", "last")
 DEVICES = ("auto", "cpu", "cuda")
+WORKLOADS = ("glue", "eurosat")
+#: Compute and wire precision of the EuroSAT workload (atlas_flwr/eurosat/codec.py).
+PRECISIONS = ("fp32", "fp16", "int8")
 
 #: Environment variables that stand in for an empty ``data-dir`` / ``output-dir``.
 DATA_DIR_ENV = "ATLAS_DATA_DIR"
 OUTPUT_DIR_ENV = "ATLAS_OUTPUT_DIR"
+EUROSAT_DATA_ENV = "ATLAS_EUROSAT_DATA"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ def _tasks_rule() -> _Rule:
 
 
 _RULES: dict[str, _Rule] = {
+    "workload": _choice(*WORKLOADS),
     "strategy": _choice(*STRATEGIES),
     "num-server-rounds": _int_at_least(1),
     "tasks": _tasks_rule(),
@@ -113,6 +118,10 @@ _RULES: dict[str, _Rule] = {
     "cluster-k-max": _int_at_least(2),
     "device-tiers": _sizes_rule(),
     "device-scale": _float_in(0.0, 1e3, open_low=True),
+    "eurosat-clients": _int_at_least(1),
+    "eurosat-data": _Rule(str),
+    "precision": _choice(*PRECISIONS),
+    "time-limit-minutes": _float_in(0.0, 1e6),
     "seed": _int_at_least(0),
     "device": _choice(*DEVICES),
     "output-dir": _Rule(str),
@@ -135,6 +144,7 @@ def _coerce(key: str, value: Any, rule: _Rule) -> Any:
 class Config:
     """The validated run configuration (attribute names are the keys in snake_case)."""
 
+    workload: str
     strategy: str
     num_server_rounds: int
     tasks: tuple[str, ...]
@@ -171,6 +181,10 @@ class Config:
     cluster_k_max: int
     device_tiers: str
     device_scale: float
+    eurosat_clients: int
+    eurosat_data: str
+    precision: str
+    time_limit_minutes: float
     seed: int
     device: str
     output_dir: str
@@ -198,7 +212,9 @@ class Config:
 
     @property
     def num_clients(self) -> int:
-        """Size of the client population: ``tasks`` x ``clients-per-task``."""
+        """Size of the client population: ``tasks`` x ``clients-per-task`` (GLUE) or ``eurosat-clients``."""
+        if self.workload == "eurosat":
+            return self.eurosat_clients
         return len(self.tasks) * self.clients_per_task
 
     def task_of(self, client_id: int) -> tuple[str, int]:
@@ -210,6 +226,10 @@ class Config:
     def resolved_data_dir(self) -> str:
         """The GLUE directory: ``data-dir``, else ``$ATLAS_DATA_DIR``, else '' (the hub)."""
         return self.data_dir or os.environ.get(DATA_DIR_ENV, "")
+
+    def resolved_eurosat_data(self) -> str:
+        """The EuroSAT npz: ``eurosat-data``, else ``$ATLAS_EUROSAT_DATA``, else '' (the hub)."""
+        return self.eurosat_data or os.environ.get(EUROSAT_DATA_ENV, "")
 
     def resolved_output_dir(self) -> Path:
         """Absolute output root: ``output-dir``, else ``$ATLAS_OUTPUT_DIR``, else ~/atlas-fl-outputs.

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
 from atlas_flwr.errors import AtlasError
+from atlas_flwr.eurosat.server import run_eurosat
 from atlas_flwr.local import initial_state, model_shape, modules_per_layer, train_shape
 from atlas_flwr.messaging import exchange
 from atlas_flwr.preflight import preflight
@@ -53,7 +54,11 @@ def main(grid: Grid, context: Context) -> None:
     ``finished:failed`` with that line as the status details.
     """
     try:
-        run_federation(grid, Config.from_run_config(context.run_config))
+        cfg = Config.from_run_config(context.run_config)
+        if cfg.workload == "eurosat":
+            run_eurosat(grid, cfg)
+            return
+        run_federation(grid, cfg)
     except AtlasError as err:
         log(ERROR, "%s", err)
         raise
