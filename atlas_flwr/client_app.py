@@ -16,6 +16,7 @@ from atlas_flwr.identity import client_identity
 from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, to_record
+from atlas_flwr.split_client import split_step
 from atlas_flwr.train import pick_device
 from strategies.memory import DeviceProfile, parse_size, profile_for
 
@@ -112,6 +113,13 @@ def train(message: Message, context: Context) -> Message:
     )
     content = RecordDict({"adapter": to_record(new_adapter), "head": to_record(new_head), "metrics": metrics})
     return Message(content, reply_to=message)
+
+
+@app.train("split")
+def train_split(message: Message, context: Context) -> Message:
+    """One split-learning step: apply the received gradient, send the next activations (or the bottom)."""
+    cfg, client_id = client_identity(context)
+    return split_step(message, context, cfg, client_id)
 
 
 @app.evaluate()

@@ -118,6 +118,11 @@ _RULES: dict[str, _Rule] = {
     "cluster-k-max": _int_at_least(2),
     "device-tiers": _sizes_rule(),
     "device-scale": _float_in(0.0, 1e3, open_low=True),
+    "split": _Rule(
+        str,
+        lambda v: v in ("none", "auto") or (v.isdigit() and int(v) >= 1),
+        "none, auto, or a block index >= 1 (the first block on the server)",
+    ),
     "eurosat-clients": _int_at_least(1),
     "eurosat-data": _Rule(str),
     "precision": _choice(*PRECISIONS),
@@ -181,6 +186,7 @@ class Config:
     cluster_k_max: int
     device_tiers: str
     device_scale: float
+    split: str
     eurosat_clients: int
     eurosat_data: str
     precision: str

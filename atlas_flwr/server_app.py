@@ -26,6 +26,7 @@ from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
+from atlas_flwr.split_server import SplitRun, group_states, merge_bottoms, plan_split, run_split_round
 from strategies.aggregation import State
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, predict_peak_bytes
@@ -332,6 +333,58 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     return Plan(members, initial, adjacency, clusters, rank_rows)
 
 
+def _train_federated(
+    grid: Grid,
+    clients: Sequence[ClientInfo],
+    strategy: PersonalizedPipeline,
+    server_round: int,
+    last_train: dict[int, dict[str, float]],
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Train messages to every client, validated replies folded into the strategy."""
+    ok, train_io = _send(grid, clients, strategy, "train", server_round)
+    t1 = time.perf_counter()
+    replies = []
+    for client, msg in ok:
+        try:
+            replies.append(decode_train_reply(client, msg, strategy.state_for(client.client_id)))
+        except ValueError as err:
+            train_io["failures"] += 1
+            log(WARNING, "round %d train: reply of client %d rejected: %s", server_round, client.client_id, err)
+    if not replies:
+        raise AtlasError(f"round {server_round}: no valid train reply; see the warnings above")
+    last_train.update({r.client_id: r.metrics for r in replies})
+    metrics = strategy.aggregate_train(replies)
+    return metrics, train_io, {"aggregate-seconds": time.perf_counter() - t1}
+
+
+def _train_split(
+    grid: Grid, cfg: Config, split: SplitRun, strategy: PersonalizedPipeline, switches: Switches, server_round: int
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """One round of split steps; bottoms merged per aggregation group, tops and heads from the server halves."""
+    result = run_split_round(grid, split.groups, split.bottoms, server_round, cfg.seed)
+    t0 = time.perf_counter()
+    split.bottoms.update(merge_bottoms(result, strategy.aggregation_groups(), cfg.lora_alpha, switches.aggregation))
+    for group in split.groups:
+        top, head = group_states(group)
+        for member in group.members:
+            strategy.set_state(member.client_id, {**split.bottoms[member.client_id], **top}, head)
+    b = result.bytes
+    io = {
+        "bytes-sent": b.get("adapters-down", 0.0) + b.get("gradients-down", 0.0),
+        "bytes-received": b.get("activations-up", 0.0) + b.get("adapters-up", 0.0),
+        "failures": float(result.failures),
+    }
+    extra = {f"split-{k}-bytes": v for k, v in sorted(b.items())}
+    extra |= {
+        "split-steps": float(result.steps),
+        "split-exchange-seconds": result.seconds["exchange"],
+        "split-server-seconds": result.seconds["server-compute"],
+        "aggregate-seconds": time.perf_counter() - t0,
+    }
+    total = sum(result.num_examples.values())
+    return {"train-loss": result.loss, "num-examples": float(total)}, io, extra
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     """Where a run wrote its results, and the strategy with its final per-client states."""
@@ -386,26 +439,32 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             row["predicted-peak-bytes"] / 1e6,
             row["memory-budget-bytes"] / 1e6,
         )
+    split = None
+    if cfg.split != "none":
+        if switches.ranks == "budget":
+            raise AtlasError("split learning sets the cut from the memory budget: use ranks = uniform with split")
+        heads = [strategy.head_key(c.client_id) for c in clients]
+        split = plan_split(cfg, clients, heads, strategy.state_for(clients[0].client_id))
+        writer.write_table("split", split.choices)
+        for row in split.choices:
+            log(
+                INFO,
+                "client %d: split at block %d (its budget allows %d)",
+                row["client-id"],
+                row["group-cut"],
+                row["cut"],
+            )
     plan_seconds = time.perf_counter() - t_plan
 
     evals: dict[int, dict[str, float]] = {}
     last_train: dict[int, dict[str, float]] = {}
     for server_round in range(1, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
-        ok, train_io = _send(grid, clients, strategy, "train", server_round)
+        if split is None:
+            train_metrics, train_io, extra = _train_federated(grid, clients, strategy, server_round, last_train)
+        else:
+            train_metrics, train_io, extra = _train_split(grid, cfg, split, strategy, switches, server_round)
         t1 = time.perf_counter()
-        replies = []
-        for client, msg in ok:
-            try:
-                replies.append(decode_train_reply(client, msg, strategy.state_for(client.client_id)))
-            except ValueError as err:
-                train_io["failures"] += 1
-                log(WARNING, "round %d train: reply of client %d rejected: %s", server_round, client.client_id, err)
-        if not replies:
-            raise AtlasError(f"round {server_round}: no valid train reply; see the warnings above")
-        last_train.update({r.client_id: r.metrics for r in replies})
-        train_metrics = strategy.aggregate_train(replies)
-        t2 = time.perf_counter()
         shared = evaluation_groups(clients, strategy)
         ok_eval, eval_io = _send(grid, list(shared), strategy, "evaluate", server_round)
         for representative, msg in ok_eval:
@@ -418,9 +477,9 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             **train_metrics,
             **_task_means(evals, clients),
             **{k: train_io[k] + eval_io[k] for k in train_io},
-            "train-seconds": t1 - t0,
-            "aggregate-seconds": t2 - t1,
-            "eval-seconds": t3 - t2,
+            **extra,
+            "train-seconds": t1 - t0 - extra["aggregate-seconds"],
+            "eval-seconds": t3 - t1,
             "round-seconds": t3 - t0,
         }
         writer.add_round(row)

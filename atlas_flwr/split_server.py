@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.messaging import exchange
 from atlas_flwr.models.split import SplitClassifier
@@ -164,18 +165,24 @@ def run_split_round(
     )
 
 
-def merge_bottoms(result: SplitRoundResult, groups: Sequence[SplitGroup], alpha: float) -> dict[int, State]:
-    """Exact ΔW aggregation of the bottoms inside each group; every member gets the merged bottom."""
+def merge_bottoms(
+    result: SplitRoundResult, groups: Mapping[int, Sequence[int]], alpha: float, method: str = "exact"
+) -> dict[int, State]:
+    """Aggregate the bottoms inside each aggregation group (client ids); ``none`` keeps each client's own.
+
+    Each client gets the aggregate at its own modules and ranks; a client without a result this round
+    gets nothing here (the caller keeps its previous bottom).
+    """
+    if method == "none":
+        return dict(result.bottoms)
     merged: dict[int, State] = {}
-    for group in groups:
-        ids = sorted(c.client_id for c in group.members if c.client_id in result.bottoms)
-        if not ids:
-            continue
-        states = aggregate_group(
-            [result.bottoms[i] for i in ids], [result.num_examples[i] for i in ids], alpha, "exact"
-        )
-        for cid in (c.client_id for c in group.members):
-            merged[cid] = states[0]  # same ranks in a group: every output is the same ΔW
+    for members in groups.values():
+        ids = sorted(i for i in members if i in result.bottoms)
+        if ids:
+            states = aggregate_group(
+                [result.bottoms[i] for i in ids], [result.num_examples[i] for i in ids], alpha, method
+            )
+            merged.update(zip(ids, states, strict=True))
     return merged
 
 
@@ -184,3 +191,73 @@ def server_half(
 ) -> ServerSide:
     """A group's server half: the top of ``model`` from ``cut``."""
     return ServerSide(SplitClassifier(model, family, cut), lr=lr, head_lr=head_lr, weight_decay=weight_decay)
+
+
+@dataclass
+class SplitRun:
+    """The split-learning state of a run: server halves, each client's bottom, and the cut choices."""
+
+    groups: list[SplitGroup]
+    bottoms: dict[int, State]
+    choices: list[dict]
+
+
+def plan_split(
+    cfg: Config,
+    clients: Sequence[ClientInfo],
+    head_groups: Sequence[Hashable],
+    initial: tuple[State, State],
+) -> SplitRun:
+    """Choose each client's cut (``split = auto``: the deepest that fits its memory; or the given block), and
+    build one server half per head group (a group's cut is its members' smallest, so every member fits).
+    """
+    from atlas_flwr.local import model_shape, new_model, train_shape
+    from atlas_flwr.models.classifier import LoraSettings, load_adapter_state, load_head_state
+    from atlas_flwr.models.registry import resolve_model
+    from atlas_flwr.records import to_torch
+    from strategies.memory import Calibration, choose_split, split_client_peak_bytes
+    from strategies.pipeline import module_ranks
+
+    shape, step = model_shape(cfg), train_shape(cfg)
+    ranks = [cfg.lora_rank] * shape.num_layers
+    choices = []
+    for client in clients:
+        calibration = Calibration.for_device(client.device)
+        try:
+            if cfg.split == "auto":
+                cut, parts = choose_split(shape, step, client.memory_bytes, ranks, calibration=calibration)
+            else:
+                cut = int(cfg.split)
+                parts = split_client_peak_bytes(shape, step, ranks, cut, calibration=calibration)
+        except ValueError as err:
+            raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
+        choices.append({"client-id": client.client_id, "cut": cut, "client-predicted-bytes": parts["total"]})
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for i, key in enumerate(head_groups):
+        members[key].append(i)
+    family = resolve_model(cfg.model).family
+    groups, bottoms = [], {}
+    for indices in members.values():
+        cut = min(choices[i]["cut"] for i in indices)
+        bottom, top = split_adapter(initial[0], cut)
+        task = clients[indices[0]].task
+        model = new_model(
+            cfg, task, LoraSettings.from_module_ranks(module_ranks(top), cfg.lora_alpha, cfg.lora_dropout)
+        )
+        load_adapter_state(model, to_torch(top))
+        load_head_state(model, to_torch(initial[1]))
+        server = server_half(model, family, cut, cfg.lr, cfg.head_lr, cfg.weight_decay)
+        groups.append(SplitGroup(cut, server, [clients[i] for i in indices]))
+        for i in indices:
+            choices[i]["group-cut"] = cut
+            bottoms[clients[i].client_id] = bottom
+    return SplitRun(groups, bottoms, choices)
+
+
+def group_states(group: SplitGroup) -> tuple[State, State]:
+    """The top adapter (blocks >= cut) and the head the group's server half holds now."""
+    from atlas_flwr.models.classifier import adapter_state, head_state
+    from atlas_flwr.records import to_numpy
+
+    model = group.server.split.model
+    return to_numpy(adapter_state(model)), to_numpy(head_state(model))

@@ -302,6 +302,23 @@ class PersonalizedPipeline:
         """The adapter and head a client trains from (or is evaluated with)."""
         return self.adapters[client_id], self.heads[client_id]
 
+    def head_key(self, client_id: int) -> Hashable:
+        """The head group of a client: clients with equal keys share a head."""
+        return self._head_key(next(m for m in self.members if m.client_id == client_id))
+
+    def aggregation_groups(self) -> dict[int, list[int]]:
+        """Client ids per adapter-aggregation group."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for m in self.members:
+            groups[m.group].append(m.client_id)
+        return dict(groups)
+
+    def set_state(self, client_id: int, adapter: State, head: State) -> None:
+        """Replace a client's state (split learning computes it outside :meth:`aggregate_train`)."""
+        if client_id not in self.adapters:
+            raise ValueError(f"unknown client {client_id}")
+        self.adapters[client_id], self.heads[client_id] = adapter, head
+
     def _head_key(self, member: Member) -> Hashable:
         # The head's shape is part of the key: tasks with different label counts never share a head.
         shape = tuple(self.heads[member.client_id]["weight"].shape)

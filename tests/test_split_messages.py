@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.clientapp import ClientApp
@@ -18,7 +19,7 @@ from atlas_flwr.split_client import batch_at, batch_plan, split_step
 from atlas_flwr.split_server import SplitGroup, merge_bottoms, run_split_round, server_half, split_adapter
 from atlas_flwr.split_train import ClientSide
 from atlas_flwr.train import seed_for
-from strategies.pipeline import ClientInfo, module_ranks
+from strategies.pipeline import ClientInfo, module_ranks, state_digest
 
 
 def _app(forget_between_messages: bool) -> ClientApp:
@@ -115,6 +116,48 @@ def test_bytes_are_counted_by_kind_and_bottoms_merge_exactly(cfg_values: dict) -
     # Activations and their gradients have the same shapes: the same bytes up as down (headers aside).
     assert result.bytes["activations-up"] > result.bytes["gradients-down"] > 0
     assert result.num_examples == {0: 20, 1: 20}
-    group = SplitGroup(1, None, [ClientInfo(0, 0, "sst2", 20, 0), ClientInfo(1, 1, "sst2", 20, 0)])
-    merged = merge_bottoms(result, [group], cfg.lora_alpha)
-    assert merged[0] is merged[1] and set(merged[0]) == set(bottom)
+    merged = merge_bottoms(result, {0: [0, 1]}, cfg.lora_alpha)
+    assert state_digest(merged[0]) == state_digest(merged[1]) != state_digest(result.bottoms[0])
+    assert set(merged[0]) == set(bottom)
+    assert merge_bottoms(result, {0: [0, 1]}, cfg.lora_alpha, "none") == result.bottoms
+
+
+def test_split_run_end_to_end_in_the_round_loop(cfg_values: dict) -> None:
+    import json
+
+    from atlas_flwr.client_app import app as client_app
+    from atlas_flwr.server_app import run_federation
+
+    values = {**cfg_values, "tasks": "sst2,mrpc", "num-server-rounds": 2, "split": "auto", "max-eval-samples": 16}
+    values["device-tiers"], values["device-scale"] = "1GB", 1.0
+    cfg = Config.from_run_config(values)
+    grid = LocalGrid(client_app, values, cfg.num_clients)
+    outcome = run_federation(grid, cfg)
+    rounds = json.loads((outcome.run_dir / "rounds.json").read_text())
+    choices = json.loads((outcome.run_dir / "split.json").read_text())
+    assert [c["group-cut"] for c in choices] == [1, 1, 1, 1]  # a 2-block model: the only cut
+    assert grid.messages_seen.count("train") == 0 and grid.messages_seen.count("train.split") == 2 * 4 * 4
+    for r in rounds:
+        assert r["split-activations-up-bytes"] > 0 and r["split-gradients-down-bytes"] > 0
+        assert r["bytes-received"] >= r["split-activations-up-bytes"] + r["split-adapters-up-bytes"]
+    # FedAvg: one bottom for all, a top and head per task; both moved from the start.
+    states = [outcome.strategy.state_for(i) for i in range(4)]
+    bottom_key = next(k for k in states[0][0] if ".layer.0." in k and "lora_B" in k)
+    top_key = next(k for k in states[0][0] if ".layer.1." in k and "lora_B" in k)
+    assert all(np.array_equal(s[0][bottom_key], states[0][0][bottom_key]) for s in states)
+    assert np.array_equal(states[0][0][top_key], states[1][0][top_key])
+    assert not np.array_equal(states[0][0][top_key], states[2][0][top_key])
+    assert np.abs(states[0][0][bottom_key]).sum() > 0 and np.abs(states[0][0][top_key]).sum() > 0
+
+
+def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
+    from atlas_flwr.client_app import app as client_app
+    from atlas_flwr.errors import AtlasError
+    from atlas_flwr.server_app import run_federation
+
+    values = {**cfg_values, "split": "auto", "device-tiers": "1MB", "device-scale": 1.0}
+    cfg = Config.from_run_config(values)
+    with pytest.raises(
+        AtlasError, match=r"client 0 \(1MB\): budget 1 MB is below the .* a client needs with one block"
+    ):
+        run_federation(LocalGrid(client_app, values, cfg.num_clients), cfg)
