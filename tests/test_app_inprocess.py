@@ -22,6 +22,7 @@ from strategies.pipeline import module_ranks, state_digest
 def tiny_run_config(run_config: dict, tiny_models: dict) -> dict:
     run_config.update(
         {
+            "strategy": "fedavg",
             "model": tiny_models["bert"],
             "tasks": "sst2,mrpc",
             "clients-per-task": 2,

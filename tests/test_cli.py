@@ -24,7 +24,7 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
     values = resolve_run_config(ROOT, ROOT / "configs" / "smoke.toml", ["output-dir=out"])
     assert Path(values["output-dir"]).is_absolute() and values["output-dir"].endswith("/out")
     assert values["data-dir"] == str((ROOT.parent / "shared" / "data" / "glue").resolve())
-    assert values["tasks"] == "sst2,mrpc" and values["run-name"].startswith("fedavg-s42-")
+    assert values["tasks"] == "sst2,mrpc" and values["run-name"].startswith("atlas-s42-")
 
 
 @pytest.mark.parametrize(

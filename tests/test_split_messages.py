@@ -39,6 +39,7 @@ def _app(forget_between_messages: bool) -> ClientApp:
 def cfg_values(run_config: dict, tiny_models: dict) -> dict:
     run_config.update(
         {
+            "strategy": "fedavg",
             "model": tiny_models["bert"],
             "tasks": "sst2",
             "clients-per-task": 2,
