@@ -92,16 +92,7 @@ def train(message: Message, context: Context) -> Message:
     server_round = int(message.content.config_records["config"]["server-round"])
     adapter, head = _states(message)
     new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head)
-    log(
-        INFO,
-        "client %d round %d: loss %.4f on %d rows, %d steps, %.1f s",
-        client_id,
-        server_round,
-        result.loss,
-        result.num_examples,
-        result.steps,
-        result.seconds,
-    )
+    log(INFO, "client %d round %d: %s", client_id, server_round, result.summary())
     metrics = MetricRecord(
         {
             "client-id": client_id,

@@ -53,6 +53,10 @@ class TrainResult:
     steps: int
     seconds: float
 
+    def summary(self, unit: str = "rows") -> str:
+        """``loss 0.5432 on 256 rows, 16 steps, 12.3 s``, for the per-client log line."""
+        return f"loss {self.loss:.4f} on {self.num_examples} {unit}, {self.steps} steps, {self.seconds:.1f} s"
+
 
 def train_local(
     model: torch.nn.Module,

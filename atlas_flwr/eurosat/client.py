@@ -51,17 +51,7 @@ def eurosat_train(message: Message, context: Context) -> Message:
         device=pick_device(cfg.device),
         seed=seed_for(cfg.seed, client_id, server_round),
     )
-    log(
-        INFO,
-        "client %d round %d: loss %.4f on %d images, %d steps, %.1f s (%s)",
-        client_id,
-        server_round,
-        result.loss,
-        result.num_examples,
-        result.steps,
-        result.seconds,
-        cfg.precision,
-    )
+    log(INFO, "client %d round %d: %s (%s)", client_id, server_round, result.summary("images"), cfg.precision)
     new = exchanged_state(model)
     update = {k: new[k] - received[k] for k in new}
     metrics = MetricRecord(
