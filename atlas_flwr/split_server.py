@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
+from atlas_flwr.fingerprint import layer_of
 from atlas_flwr.messaging import exchange
 from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.records import from_record, to_record
@@ -34,17 +35,10 @@ from strategies.aggregation import State
 from strategies.pipeline import ClientInfo, aggregate_group
 
 
-def block_of(module: str) -> int:
-    """Block index of a PEFT module name (``...layer.3.attention...`` -> 3)."""
-    from atlas_flwr.fingerprint import layer_of
-
-    return layer_of(module)
-
-
 def split_adapter(adapter: State, cut: int) -> tuple[State, State]:
     """The bottom (blocks < cut) and top (blocks >= cut) parts of an adapter state."""
-    bottom = {k: v for k, v in adapter.items() if block_of(k) < cut}
-    top = {k: v for k, v in adapter.items() if block_of(k) >= cut}
+    bottom = {k: v for k, v in adapter.items() if layer_of(k) < cut}
+    top = {k: v for k, v in adapter.items() if layer_of(k) >= cut}
     return bottom, top
 
 
