@@ -131,7 +131,8 @@ def train_shape(cfg: Config) -> TrainShape:
     return TrainShape(batch=cfg.batch_size, seq_len=cfg.max_length)
 
 
-def _loaded_model(cfg: Config, task: str, adapter: State, head: State) -> SequenceClassifier:
+def loaded_model(cfg: Config, task: str, adapter: State, head: State) -> SequenceClassifier:
+    """A classifier holding exactly ``adapter`` (its shapes are the rank pattern) and ``head``."""
     # The adapter's shapes are the rank pattern: the model is built to hold exactly this adapter.
     lora = LoraSettings.from_module_ranks(module_ranks(adapter), cfg.lora_alpha, cfg.lora_dropout)
     model = new_model(cfg, task, lora)
@@ -145,7 +146,7 @@ def run_train(
 ) -> tuple[dict, dict, TrainResult]:
     """Train from the given adapter and head; seeded by (seed, client, round)."""
     data = client_data(cfg, client_id)
-    model = _loaded_model(cfg, data.task, adapter, head)
+    model = loaded_model(cfg, data.task, adapter, head)
     seed = seed_for(cfg.seed, client_id, server_round)
     torch.manual_seed(seed)  # LoRA dropout and head dropout
     loader = make_loader(
@@ -171,7 +172,7 @@ def run_train(
 def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> dict[str, float]:
     """Metrics of the given adapter and head on the client's task validation rows."""
     data = client_data(cfg, client_id)
-    model = _loaded_model(cfg, data.task, adapter, head)
+    model = loaded_model(cfg, data.task, adapter, head)
     loader = make_loader(data.eval, load_tokenizer(cfg.model), cfg.eval_batch_size, shuffle=False)
     return evaluate(model, loader, pick_device(cfg.device))
 

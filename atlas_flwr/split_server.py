@@ -205,12 +205,9 @@ def plan_split(
     """Choose each client's cut (``split = auto``: the deepest that fits its memory; or the given block), and
     build one server half per head group (a group's cut is its members' smallest, so every member fits).
     """
-    from atlas_flwr.local import model_shape, new_model, train_shape
-    from atlas_flwr.models.classifier import LoraSettings, load_adapter_state, load_head_state
+    from atlas_flwr.local import loaded_model, model_shape, train_shape
     from atlas_flwr.models.registry import resolve_model
-    from atlas_flwr.records import to_torch
     from strategies.memory import Calibration, choose_split, split_client_peak_bytes
-    from strategies.pipeline import module_ranks
 
     shape, step = model_shape(cfg), train_shape(cfg)
     ranks = [cfg.lora_rank] * shape.num_layers
@@ -235,11 +232,7 @@ def plan_split(
         cut = min(choices[i]["cut"] for i in indices)
         bottom, top = split_adapter(initial[0], cut)
         task = clients[indices[0]].task
-        model = new_model(
-            cfg, task, LoraSettings.from_module_ranks(module_ranks(top), cfg.lora_alpha, cfg.lora_dropout)
-        )
-        load_adapter_state(model, to_torch(top))
-        load_head_state(model, to_torch(initial[1]))
+        model = loaded_model(cfg, task, top, initial[1])
         server = server_half(model, family, cut, cfg.lr, cfg.head_lr, cfg.weight_decay)
         groups.append(SplitGroup(cut, server, [clients[i] for i in indices]))
         for i in indices:
