@@ -65,7 +65,7 @@ def resolve_run_config(app: Path, config_file: Path | None, overrides: Sequence[
     if not values.get("eurosat-data"):
         npz = app.parent / "shared" / "data" / "eurosat" / "eurosat_rgb_jpeg.npz"
         values["eurosat-data"] = os.environ.get(EUROSAT_DATA_ENV) or (str(npz) if npz.is_file() else "")
-    for key in ("data-dir", "output-dir", "eurosat-data"):
+    for key in ("data-dir", "output-dir", "eurosat-data", "resume-from"):
         if values.get(key):
             values[key] = str(Path(values[key]).expanduser().resolve())
     if not values.get("output-dir"):
@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         values = resolve_run_config(app, args.config, args.overrides)
         cfg = Config.from_run_config(values)
         preflight(cfg)
-        run_dir = Path(values["output-dir"]) / values["run-name"]
+        # A resumed run goes on writing in the checkpointed run's directory.
+        run_dir = Path(values["resume-from"] or Path(values["output-dir"]) / values["run-name"])
         if args.check:
             print("\n".join(f"{k} = {v!r}" for k, v in values.items()))
             return 0

@@ -17,7 +17,7 @@ from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_setti
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, to_record
 from atlas_flwr.split_client import split_step
-from atlas_flwr.train import pick_device
+from atlas_flwr.train import pick_device, seed_for
 from strategies.memory import DeviceProfile, parse_size, profile_for
 
 quiet_libraries()
@@ -42,6 +42,11 @@ def device_profile(context: Context, cfg: Config, client_id: int) -> DeviceProfi
         except ValueError as err:
             raise AtlasError(f"node_config memory = {raw!r}: {err}") from err
     return profile_for(client_id, cfg.device_tiers.split(","), cfg.device_scale)
+
+
+def injected_failure(seed: int, client_id: int, server_round: int, rate: float) -> bool:
+    """Whether this client fails this round on purpose (test config ``inject-failures``), reproducibly."""
+    return bool(np.random.default_rng(seed_for(seed, client_id, server_round, 0xFA11)).random() < rate)
 
 
 @app.query("describe")
@@ -90,6 +95,8 @@ def train(message: Message, context: Context) -> Message:
         return eurosat_train(message, context)
     cfg, client_id = client_identity(context)
     server_round = int(message.content.config_records["config"]["server-round"])
+    if cfg.inject_failures and injected_failure(cfg.seed, client_id, server_round, cfg.inject_failures):
+        raise AtlasError(f"injected failure (inject-failures = {cfg.inject_failures}) in round {server_round}")
     adapter, head = _states(message)
     new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head)
     log(INFO, "client %d round %d: %s", client_id, server_round, result.summary())

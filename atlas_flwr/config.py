@@ -7,6 +7,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -27,6 +28,8 @@ DEVICES = ("auto", "cpu", "cuda")
 WORKLOADS = ("glue", "eurosat")
 #: Compute and wire precision of the EuroSAT workload (atlas_flwr/eurosat/codec.py).
 PRECISIONS = ("fp32", "fp16", "int8")
+#: Learning rate per round: constant, or cosine from ``lr`` to ``lr / 100`` over ``num-server-rounds``.
+LR_SCHEDULES = ("constant", "cosine")
 
 #: Environment variables that stand in for an empty ``data-dir`` / ``output-dir``.
 DATA_DIR_ENV = "ATLAS_DATA_DIR"
@@ -127,6 +130,11 @@ _RULES: dict[str, _Rule] = {
     "eurosat-data": _Rule(str),
     "precision": _choice(*PRECISIONS),
     "time-limit-minutes": _float_in(0.0, 1e6),
+    "resume-from": _Rule(str),
+    "min-clients": _int_at_least(1),
+    "reply-timeout-seconds": _float_in(0.0, 1e6),
+    "inject-failures": _float_in(0.0, 0.9),
+    "lr-schedule": _choice(*LR_SCHEDULES),
     "seed": _int_at_least(0),
     "device": _choice(*DEVICES),
     "output-dir": _Rule(str),
@@ -191,6 +199,11 @@ class Config:
     eurosat_data: str
     precision: str
     time_limit_minutes: float
+    resume_from: str
+    min_clients: int
+    reply_timeout_seconds: float
+    inject_failures: float
+    lr_schedule: str
     seed: int
     device: str
     output_dir: str
@@ -228,6 +241,14 @@ class Config:
         if not 0 <= client_id < self.num_clients:
             raise ConfigError("partition-id", client_id, f"an integer in [0, {self.num_clients})")
         return self.tasks[client_id // self.clients_per_task], client_id % self.clients_per_task
+
+    def lr_at(self, server_round: int) -> float:
+        """The round's learning rate under ``lr-schedule`` (rounds count from 1)."""
+        if self.lr_schedule == "constant" or self.num_server_rounds == 1:
+            return self.lr
+        progress = (server_round - 1) / (self.num_server_rounds - 1)
+        floor = self.lr / 100
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
     def resolved_data_dir(self) -> str:
         """The GLUE directory: ``data-dir``, else ``$ATLAS_DATA_DIR``, else '' (the hub)."""

@@ -157,12 +157,13 @@ def run_train(
         seed=seed,
         group_by_length=cfg.group_by_length,
     )
+    scale = cfg.lr_at(server_round) / cfg.lr  # the schedule scales the adapter and head rates alike
     result = train_local(
         model,
         loader,
         epochs=cfg.local_epochs,
-        lr=cfg.lr,
-        head_lr=cfg.head_lr,
+        lr=cfg.lr * scale,
+        head_lr=cfg.head_lr * scale,
         weight_decay=cfg.weight_decay,
         device=pick_device(cfg.device),
     )

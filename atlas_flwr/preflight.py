@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from atlas_flwr.checkpoint import check_resumable, load_checkpoint
 from atlas_flwr.config import Config
 from atlas_flwr.data import load_split
+from atlas_flwr.errors import ConfigError
 from atlas_flwr.models.registry import resolve_model
 
 
 def preflight(cfg: Config) -> None:
-    """Fail early, in one line, on an unknown model or a missing data folder or split.
+    """Fail early, in one line, on an unknown model, a missing data folder or split, keys that
+    contradict each other, or a checkpoint that cannot be resumed.
 
     Hub data is not probed here (that needs the network); it fails on first load instead.
     """
+    if cfg.min_clients > cfg.num_clients:
+        raise ConfigError("min-clients", cfg.min_clients, f"an integer <= the {cfg.num_clients} clients of this run")
+    if cfg.resume_from:
+        check_resumable(load_checkpoint(cfg.resume_from).meta["run-config"], cfg.to_dict())
     resolve_model(cfg.model)
     data_dir = cfg.resolved_data_dir()
     if data_dir:

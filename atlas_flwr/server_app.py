@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from atlas_flwr.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
 from atlas_flwr.errors import AtlasError
@@ -27,7 +28,7 @@ from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
 from atlas_flwr.split_server import SplitRun, group_states, merge_bottoms, plan_split, run_split_round
-from strategies.aggregation import State
+from strategies.aggregation import LORA_A_SUFFIX, State
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, predict_peak_bytes
 from strategies.pipeline import (
@@ -45,6 +46,9 @@ from strategies.pipeline import (
 
 quiet_libraries()
 app = ServerApp()
+
+#: Serialisation overhead allowed on top of the raw bytes of the tensors sent (ArrayRecord headers).
+REPLY_SLACK_BYTES = 64 * 1024
 
 
 @app.main()
@@ -112,7 +116,12 @@ def _content(strategy: PersonalizedPipeline, client: ClientInfo, server_round: i
 
 
 def _send(
-    grid: Grid, clients: Sequence[ClientInfo], strategy: PersonalizedPipeline, kind: str, server_round: int
+    grid: Grid,
+    clients: Sequence[ClientInfo],
+    strategy: PersonalizedPipeline,
+    kind: str,
+    server_round: int,
+    timeout: float | None = None,
 ) -> tuple[list[tuple[ClientInfo, Message]], dict[str, float]]:
     messages = [
         Message(
@@ -121,7 +130,7 @@ def _send(
         for c in clients
     ]
     sent = sum(message_bytes(m) for m in messages)
-    replies = exchange(grid, messages)
+    replies = exchange(grid, messages, timeout=timeout)
     ok, received, failures = [], 0, 0
     for client, reply in zip(clients, replies, strict=True):
         if (reason := _reply_error(reply)) is not None:
@@ -163,13 +172,22 @@ def evaluation_groups(
 def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State]) -> Update:
     """Decode a train reply; raise ValueError (one line) if it cannot be aggregated.
 
-    Missing records, keys or shapes that differ from what was ``sent``, and NaN or infinite
+    Missing or unexpected records, a payload larger than the sent state, keys or shapes that differ
+    from what was ``sent`` (a LoRA rank above the assigned one among them), and NaN or infinite
     values are refused here, so they never reach the aggregate.
     """
     content = msg.content
     missing = [n for n in ("adapter", "head") if n not in content.array_records]
     if missing or "metrics" not in content.metric_records:
         raise ValueError(f"missing records {missing or ['metrics']}")
+    extra = sorted(set(content.array_records) - {"adapter", "head"})
+    if extra:
+        raise ValueError(f"unexpected array records {extra[:3]}")
+    # Checked before decoding: the reply holds exactly the tensors sent, so anything larger is not an update.
+    limit = sum(v.nbytes for state in sent for v in state.values()) + REPLY_SLACK_BYTES
+    size = message_bytes(msg)
+    if size > limit:
+        raise ValueError(f"payload of {size} bytes exceeds the {limit} bytes an update of the sent shapes takes")
     metrics = dict(content.metric_records["metrics"])
     if "num-examples" not in metrics or metrics["num-examples"] <= 0:
         raise ValueError(f"num-examples = {metrics.get('num-examples')!r}: expected a positive count")
@@ -178,6 +196,11 @@ def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, Stat
         if set(state) != set(reference):
             diff = sorted(set(state) ^ set(reference))
             raise ValueError(f"{name} keys differ from those sent: {diff[:3]}")
+        for k in (k for k in state if k.endswith(LORA_A_SUFFIX)):
+            if state[k].shape[0] > reference[k].shape[0]:
+                raise ValueError(
+                    f"{name} tensor {k!r} has rank {state[k].shape[0]}: above the assigned {reference[k].shape[0]}"
+                )
         shapes = [k for k in state if state[k].shape != reference[k].shape]
         if shapes:
             k = shapes[0]
@@ -333,25 +356,40 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     return Plan(members, initial, adjacency, clusters, rank_rows)
 
 
+def collect_updates(
+    ok: Sequence[tuple[ClientInfo, Message]], strategy: PersonalizedPipeline, server_round: int
+) -> tuple[list[Update], int]:
+    """Decode the train replies that can be aggregated; log and count the rejected ones."""
+    updates, rejected = [], 0
+    for client, msg in ok:
+        try:
+            updates.append(decode_train_reply(client, msg, strategy.state_for(client.client_id)))
+        except ValueError as err:
+            rejected += 1
+            log(WARNING, "round %d train: reply of client %d rejected: %s", server_round, client.client_id, err)
+    return updates, rejected
+
+
 def _train_federated(
     grid: Grid,
+    cfg: Config,
     clients: Sequence[ClientInfo],
     strategy: PersonalizedPipeline,
     server_round: int,
     last_train: dict[int, dict[str, float]],
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Train messages to every client, validated replies folded into the strategy."""
-    ok, train_io = _send(grid, clients, strategy, "train", server_round)
+    ok, train_io = _send(grid, clients, strategy, "train", server_round, cfg.reply_timeout_seconds or None)
     t1 = time.perf_counter()
-    replies = []
-    for client, msg in ok:
-        try:
-            replies.append(decode_train_reply(client, msg, strategy.state_for(client.client_id)))
-        except ValueError as err:
-            train_io["failures"] += 1
-            log(WARNING, "round %d train: reply of client %d rejected: %s", server_round, client.client_id, err)
-    if not replies:
-        raise AtlasError(f"round {server_round}: no valid train reply; see the warnings above")
+    replies, rejected = collect_updates(ok, strategy, server_round)
+    train_io["failures"] += rejected
+    train_io["rejected"] = float(rejected)
+    needed = min(cfg.min_clients, len(clients))
+    if len(replies) < needed:
+        raise AtlasError(
+            f"round {server_round}: {len(replies)} valid train replies of {len(clients)}, fewer than "
+            f"min-clients = {cfg.min_clients}; see the warnings above"
+        )
     last_train.update({r.client_id: r.metrics for r in replies})
     metrics = strategy.aggregate_train(replies)
     return metrics, train_io, {"aggregate-seconds": time.perf_counter() - t1}
@@ -393,13 +431,66 @@ class RunOutcome:
     strategy: PersonalizedPipeline
 
 
+def _plan_from_checkpoint(ckpt: Checkpoint, clients: Sequence[ClientInfo]) -> Plan:
+    """The plan a checkpointed run made, with every client's state as it was after the checkpoint's round."""
+    meta = ckpt.meta
+    members = [Member(int(m["client-id"]), str(m["task"]), int(m["group"])) for m in meta["members"]]
+    saved = sorted((m.client_id, m.task) for m in members)
+    now = sorted((c.client_id, c.task) for c in clients)
+    if saved != now:
+        raise AtlasError(f"resume-from: the checkpoint's clients {saved} differ from the connected ones {now}")
+    initial = {m.client_id: (ckpt.adapters.get(m.client_id, {}), ckpt.heads[m.client_id]) for m in members}
+    adjacency = None if meta["adjacency"] is None else np.asarray(meta["adjacency"], dtype=np.float64)
+    return Plan(members, initial, adjacency, meta["clusters"], meta["ranks"])
+
+
+def _checkpoint_meta(
+    cfg: Config,
+    plan: Plan,
+    evals: dict[int, dict[str, float]],
+    last_train: dict[int, dict[str, float]],
+    writer: RunWriter,
+    plan_seconds: float,
+) -> dict[str, Any]:
+    return {
+        "run-config": cfg.to_dict(),
+        "members": [{"client-id": m.client_id, "task": m.task, "group": m.group} for m in plan.members],
+        "clusters": plan.clusters,
+        "ranks": plan.ranks,
+        "adjacency": None if plan.adjacency is None else plan.adjacency.tolist(),
+        "evals": {str(k): v for k, v in evals.items()},
+        "last-train": {str(k): v for k, v in last_train.items()},
+        "rounds": writer.rounds,
+        "plan-seconds": plan_seconds,
+    }
+
+
 def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     """Describe, plan (fingerprints, groups, ranks), then ``num-server-rounds`` rounds of train, aggregate,
-    evaluate."""
+    evaluate; a checkpoint after every round.
+
+    With ``resume-from`` the plan and every client's state come from the checkpoint, results go on
+    in the checkpointed run's directory, and the rounds after the checkpoint's run as they would have.
+    """
     started = time.perf_counter()
     preflight(cfg)
-    run_dir = new_run_dir(cfg.resolved_output_dir(), cfg.run_name or default_run_name(cfg.strategy, cfg.seed))
-    writer = RunWriter(run_dir, {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__})
+    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    if ckpt is not None:
+        check_resumable(ckpt.meta["run-config"], cfg.to_dict())
+        if cfg.split != "none":
+            raise AtlasError("resume-from does not cover split learning yet (its server halves' AdamW state)")
+        if ckpt.server_round >= cfg.num_server_rounds:
+            raise AtlasError(
+                f"resume-from: the checkpoint already ends round {ckpt.server_round}, and num-server-rounds = "
+                f"{cfg.num_server_rounds}: raise num-server-rounds to train further"
+            )
+        run_dir = ckpt.run_dir
+    else:
+        run_dir = new_run_dir(cfg.resolved_output_dir(), cfg.run_name or default_run_name(cfg.strategy, cfg.seed))
+    config_json: dict[str, Any] = {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__}
+    if ckpt is not None:
+        config_json["resumed-after-round"] = ckpt.server_round
+    writer = RunWriter(run_dir, config_json)
     switches = resolve_switches(cfg.strategy, cfg.clustering, cfg.ranks, cfg.aggregation)
     clients = describe_clients(grid, cfg)
     log(
@@ -410,7 +501,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         run_dir,
     )
     t_plan = time.perf_counter()
-    plan = plan_federation(grid, cfg, clients, switches)
+    plan = plan_federation(grid, cfg, clients, switches) if ckpt is None else _plan_from_checkpoint(ckpt, clients)
     strategy = PersonalizedPipeline(
         cfg.strategy, switches, plan.members, plan.initial, cfg.lora_alpha, plan.adjacency, cfg.laplacian_eta
     )
@@ -458,15 +549,28 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
 
     evals: dict[int, dict[str, float]] = {}
     last_train: dict[int, dict[str, float]] = {}
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    first_round = 1
+    if ckpt is not None:
+        evals = {int(k): v for k, v in ckpt.meta["evals"].items()}
+        last_train = {int(k): v for k, v in ckpt.meta["last-train"].items()}
+        writer.rounds = [dict(r) for r in ckpt.meta["rounds"]]
+        plan_seconds = float(ckpt.meta["plan-seconds"])
+        ckpt.restore_rng()
+        first_round = ckpt.server_round + 1
+        log(INFO, "resumed from %s after round %d", ckpt.run_dir, ckpt.server_round)
+    limit = cfg.time_limit_minutes * 60.0
+    longest_round, stopped_by = 0.0, "num-server-rounds"
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         if split is None:
-            train_metrics, train_io, extra = _train_federated(grid, clients, strategy, server_round, last_train)
+            train_metrics, train_io, extra = _train_federated(grid, cfg, clients, strategy, server_round, last_train)
         else:
             train_metrics, train_io, extra = _train_split(grid, cfg, split, strategy, switches, server_round)
         t1 = time.perf_counter()
         shared = evaluation_groups(clients, strategy)
-        ok_eval, eval_io = _send(grid, list(shared), strategy, "evaluate", server_round)
+        ok_eval, eval_io = _send(
+            grid, list(shared), strategy, "evaluate", server_round, cfg.reply_timeout_seconds or None
+        )
         for representative, msg in ok_eval:
             metrics = {k: v for k, v in msg.content.metric_records["metrics"].items() if k != "client-id"}
             for member in shared[representative]:
@@ -476,14 +580,28 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             "round": server_round,
             **train_metrics,
             **_task_means(evals, clients),
-            **{k: train_io[k] + eval_io[k] for k in train_io},
+            **{k: train_io[k] + eval_io.get(k, 0.0) for k in train_io},
             **extra,
             "train-seconds": t1 - t0 - extra["aggregate-seconds"],
             "eval-seconds": t3 - t1,
             "round-seconds": t3 - t0,
         }
         writer.add_round(row)
+        meta = _checkpoint_meta(cfg, plan, evals, last_train, writer, plan_seconds)
+        save_checkpoint(run_dir, server_round, strategy.adapters, strategy.heads, meta)
         log(INFO, "%s", _round_line(server_round, cfg.num_server_rounds, row, cfg.tasks))
+        longest_round = max(longest_round, t3 - t0)
+        # Between rounds: stop when the next round, if as long as the longest so far, would end past the limit.
+        if limit and server_round < cfg.num_server_rounds and time.perf_counter() - started + longest_round > limit:
+            stopped_by = "time-limit"
+            log(
+                WARNING,
+                "time limit %.1f min: stopped after round %d; continue with resume-from = %s",
+                cfg.time_limit_minutes,
+                server_round,
+                run_dir,
+            )
+            break
 
     client_rows = [
         {
@@ -510,12 +628,16 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             "clusters-k": plan.clusters["k"],
             "clusters-ari": plan.clusters.get("ari-vs-declared-tasks"),
             "plan-seconds": plan_seconds,
-            "rounds": cfg.num_server_rounds,
+            "rounds": final["round"],
+            "rounds-planned": cfg.num_server_rounds,
+            "stopped-by": stopped_by,
+            "resumed-after-round": None if ckpt is None else ckpt.server_round,
             "clients": len(clients),
             "final": {k: v for k, v in final.items() if "-" in k and k.split("-")[0] in cfg.tasks},
             "mean-main-metric": final["mean-main-metric"],
             "bytes-sent-total": sum(r["bytes-sent"] for r in writer.rounds),
             "bytes-received-total": sum(r["bytes-received"] for r in writer.rounds),
+            "failures-total": sum(r.get("failures", 0.0) for r in writer.rounds),
             "wall-seconds": time.perf_counter() - started,
         }
     )

@@ -40,6 +40,8 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
         (["--set", "data-dir=/nonexistent/glue"], "data-dir '/nonexistent/glue' is not a directory"),
         (["configs/missing.toml"], "config file"),
         (["--set", "nonsense"], "is not key=value"),
+        (["--set", "resume-from='/nonexistent/run'"], "resume-from '/nonexistent/run' holds no checkpoint"),
+        (["--set", "min-clients=20"], "'min-clients' = 20 is not allowed: expected an integer <= the 8 clients"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, monkeypatch) -> None:

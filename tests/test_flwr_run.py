@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,48 @@ def test_sigterm_mid_run_stops_every_process_it_started(tmp_path: Path, glue_dir
     proc.communicate(timeout=120)
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+
+
+def test_sigkill_of_the_server_then_resume_gives_the_uninterrupted_result(tmp_path: Path, glue_dir: str) -> None:
+    """Kill the ServerApp's process (flwr-simulation) with SIGKILL after round 1 of 3, resume, compare."""
+    import psutil
+
+    out = tmp_path / "outputs"
+    common = ["configs/smoke.toml", "--set", "num-server-rounds=3", "--set", f"data-dir={json.dumps(glue_dir)}"]
+    common += ["--set", f"output-dir={json.dumps(str(out))}"]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    whole = _atlas_run(*common, "--set", "run-name=whole", env_extra=env)
+    assert whole.returncode == 0, whole.stdout[-2000:]
+
+    command = [str(Path(sys.executable).with_name("atlas-run")), *common, "--set", "run-name=killed"]
+    proc = subprocess.Popen(
+        [*command, "--app", str(ROOT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "round 1/3" in line:  # logged after round 1's checkpoint is written
+            break
+    server = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "flwr-simulation" in " ".join(p.cmdline())
+    ]
+    assert server, "".join(seen)[-2000:]
+    for p in server:
+        p.send_signal(signal.SIGKILL)
+    proc.terminate()  # atlas-run then stops the SuperLink and whatever is left
+    proc.communicate(timeout=120)
+    killed = out / "killed"
+    state = json.loads((killed / "checkpoint" / "state.json").read_text())
+    assert state["round"] in (1, 2), state["round"]  # the kill may land during round 2's checkpoint, never after 3
+    assert not (killed / "summary.json").exists()
+
+    resumed = _atlas_run(*common, "--set", f"resume-from={json.dumps(str(killed))}", env_extra=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"after round {state['round']}" in resumed.stdout
+
+    def untimed(run: str) -> list[dict]:
+        rows = json.loads((out / run / "rounds.json").read_text())
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    assert [r["round"] for r in untimed("killed")] == [1, 2, 3]
+    assert untimed("killed") == untimed("whole")

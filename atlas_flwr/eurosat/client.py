@@ -45,7 +45,7 @@ def eurosat_train(message: Message, context: Context) -> Message:
         data.labels[idx],
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr=cfg.lr_at(server_round),
         weight_decay=cfg.weight_decay,
         precision=cfg.precision,
         device=pick_device(cfg.device),
