@@ -116,28 +116,9 @@ class LocalSuperLink(AbstractContextManager):
         return self
 
     def stop(self) -> None:
-        """Stop the SuperLink and every process it spawned: SIGTERM, then SIGKILL after 10 s.
-
-        The simulation runtime starts in a session of its own, so the SuperLink's process
-        group alone does not hold it: the descendants are listed before anything is killed,
-        and each of their process groups is signalled too.
-        """
-        if self.process is None:
-            return
-        try:
-            family = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
-        groups = {self.process.pid} | ({_pgid(p) for p in family} - {None, os.getpgid(0)})
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for group in groups:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group, sig)
-            _, alive = psutil.wait_procs(family, timeout=wait)
-            if not alive:
-                break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
+        """Stop the SuperLink and every process it spawned (see :func:`stop_family`)."""
+        if self.process is not None:
+            stop_family(self.process)
         self.process = None
 
     def __exit__(self, *exc: object) -> None:
@@ -149,6 +130,29 @@ class LocalSuperLink(AbstractContextManager):
         return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, check=False)
 
 
+def stop_family(process: subprocess.Popen) -> None:
+    """Stop a process we started and every process it spawned: SIGTERM, then SIGKILL after 10 s.
+
+    Flower's runtimes (SuperExec, the simulation) start in sessions of their own, so the
+    process's group alone does not hold them: the descendants are listed before anything is
+    killed, and each of their process groups is signalled too.
+    """
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    groups = {process.pid} | ({_pgid(p) for p in family} - {None, os.getpgid(0)})
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)
+        _, alive = psutil.wait_procs(family, timeout=wait)
+        if not alive:
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
 def _pgid(process: psutil.Process) -> int | None:
     try:
         return os.getpgid(process.pid)
@@ -157,18 +161,21 @@ def _pgid(process: psutil.Process) -> int | None:
 
 
 def stream_flwr_run(
-    link: LocalSuperLink, app: Path, run_config: Mapping[str, Any], federation_config: Mapping[str, Any]
+    link: LocalSuperLink,
+    app: Path,
+    run_config: Mapping[str, Any],
+    federation_config: Mapping[str, Any] | None = None,
+    connection: str | None = None,
 ) -> int:
-    """``flwr run <app> --stream``; echo its output and return the run id it started."""
-    args = [
-        "run",
-        str(app),
-        "--stream",
-        "--run-config",
-        run_config_arg(run_config),
-        "--federation-config",
-        " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items()),
-    ]
+    """``flwr run <app> [connection] --stream``; echo its output and return the run id it started.
+
+    ``link`` is anything with ``env`` (e.g. :class:`LocalSuperLink`, ``deploy.TLSSuperLink``);
+    ``connection`` names a SuperLink connection of the ``FLWR_HOME`` config (the default one if None).
+    """
+    args = ["run", str(app), *([connection] if connection else []), "--stream"]
+    args += ["--run-config", run_config_arg(run_config)]
+    if federation_config:
+        args += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())]
     command = [str(Path(sys.executable).with_name("flwr")), *args]
     run_id = None
     with subprocess.Popen(
@@ -196,9 +203,10 @@ def stream_flwr_run(
     return run_id
 
 
-def run_status(link: LocalSuperLink, run_id: int) -> dict[str, Any]:
-    """The run's entry from ``flwr list --run-id ID --format json`` (status, details, times)."""
-    result = link.flwr("list", "--run-id", str(run_id), "--format", "json", timeout=60)
+def run_status(link: LocalSuperLink, run_id: int, connection: str | None = None) -> dict[str, Any]:
+    """The run's entry from ``flwr list [connection] --run-id ID --format json`` (status, details, times)."""
+    where = [connection] if connection else []
+    result = link.flwr("list", *where, "--run-id", str(run_id), "--format", "json", timeout=60)
     try:
         payload = json.loads(result.stdout)
     except json.JSONDecodeError as err:

@@ -156,6 +156,7 @@ def run_train(
         shuffle=True,
         seed=seed,
         group_by_length=cfg.group_by_length,
+        pad_to=cfg.pad_to,
     )
     scale = cfg.lr_at(server_round) / cfg.lr  # the schedule scales the adapter and head rates alike
     result = train_local(
@@ -174,7 +175,7 @@ def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> di
     """Metrics of the given adapter and head on the client's task validation rows."""
     data = client_data(cfg, client_id)
     model = loaded_model(cfg, data.task, adapter, head)
-    loader = make_loader(data.eval, load_tokenizer(cfg.model), cfg.eval_batch_size, shuffle=False)
+    loader = make_loader(data.eval, load_tokenizer(cfg.model), cfg.eval_batch_size, shuffle=False, pad_to=cfg.pad_to)
     return evaluate(model, loader, pick_device(cfg.device))
 
 

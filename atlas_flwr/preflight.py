@@ -17,6 +17,8 @@ def preflight(cfg: Config) -> None:
     """
     if cfg.min_clients > cfg.num_clients:
         raise ConfigError("min-clients", cfg.min_clients, f"an integer <= the {cfg.num_clients} clients of this run")
+    if cfg.split != "none" and cfg.lr_schedule != "constant":
+        raise ConfigError("lr-schedule", cfg.lr_schedule, "constant with split learning (its halves keep AdamW state)")
     if cfg.resume_from:
         check_resumable(load_checkpoint(cfg.resume_from).meta["run-config"], cfg.to_dict())
     resolve_model(cfg.model)

@@ -417,6 +417,9 @@ def _train_split(
         "split-steps": float(result.steps),
         "split-exchange-seconds": result.seconds["exchange"],
         "split-server-seconds": result.seconds["server-compute"],
+        "split-client-seconds": result.seconds["client-compute"],
+        # Round trips minus the clients' own work: what the messages cost.
+        "split-overhead-seconds": result.seconds["exchange"] - result.seconds["client-compute"],
         "aggregate-seconds": time.perf_counter() - t0,
     }
     total = sum(result.num_examples.values())

@@ -10,14 +10,15 @@ graph of the previous forward uses it; another one recomputes that forward under
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from transformers import DataCollatorWithPadding
 
 from atlas_flwr.config import Config
+from atlas_flwr.data.tokenize import collator
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import client_data, new_model
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state, load_tokenizer
@@ -67,20 +68,21 @@ def batch_at(cfg: Config, client_id: int, server_round: int, step: int) -> dict[
     """The padded batch of one step."""
     data = client_data(cfg, client_id)
     rows = [data.train[i] for i in batch_plan(cfg, client_id, server_round)[step]]
-    return dict(DataCollatorWithPadding(load_tokenizer(cfg.model))(rows))
+    return dict(collator(load_tokenizer(cfg.model), cfg.pad_to)(rows))
 
 
 def _new_client(cfg: Config, task: str, bottom: dict, cut: int) -> ClientSide:
     lora = LoraSettings.from_module_ranks(module_ranks(bottom), cfg.lora_alpha, cfg.lora_dropout)
     model = new_model(cfg, task, lora)
     load_adapter_state(model, to_torch(bottom))
-    return ClientSide(
-        SplitClassifier(model, resolve_model(cfg.model).family, cut), lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    split = SplitClassifier(model, resolve_model(cfg.model).family, cut)
+    split.drop_top()  # the client's memory is its bottom's, as the split memory model assumes
+    return ClientSide(split, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def split_step(message: Message, context: Context, cfg: Config, client_id: int) -> Message:
     """Apply the received gradient (if any), then send the next activations or, at the end, the bottom adapter."""
+    started = time.perf_counter()
     conf = message.content.config_records["config"]
     server_round, step, cut = int(conf["server-round"]), int(conf["step"]), int(conf["cut"])
     data = client_data(cfg, client_id)
@@ -124,4 +126,6 @@ def split_step(message: Message, context: Context, cfg: Config, client_id: int) 
         content["metrics"]["num-examples"] = sum(len(b) for b in plan)
         _WORKERS.pop(key, None)
     content["config"] = ConfigRecord({"step": step})
+    # The server subtracts this from the round trip to get the messaging overhead of the step.
+    content["metrics"]["client-seconds"] = time.perf_counter() - started
     return Message(content, reply_to=message)

@@ -64,6 +64,10 @@ class SplitRoundResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _ok(reply: Message | None) -> bool:
+    return reply is not None and not reply.has_error() and "metrics" in reply.content.metric_records
+
+
 def _record_bytes(message: Message, names: Sequence[str]) -> dict[str, int]:
     records = message.content.array_records
     return {name: records[name].count_bytes() for name in names if name in records}
@@ -81,7 +85,7 @@ def run_split_round(
     traffic: dict[str, float] = defaultdict(float)
     active = list(clients)
     losses, steps, failures = [], 0, 0
-    exchange_s = server_s = 0.0
+    exchange_s = server_s = client_s = 0.0
     while active:
         messages = []
         for client in active:
@@ -105,6 +109,11 @@ def run_split_round(
         t0 = time.perf_counter()
         replies = exchange(grid, messages)
         exchange_s += time.perf_counter() - t0
+        # Clients compute concurrently (one worker each at best): the slowest one bounds the step.
+        client_s += max(
+            (float(r.content.metric_records["metrics"].get("client-seconds", 0.0)) for r in replies if _ok(r)),
+            default=0.0,
+        )
         still = []
         t1 = time.perf_counter()
         for client, reply in zip(active, replies, strict=True):
@@ -155,7 +164,7 @@ def run_split_round(
         steps=steps,
         bytes=dict(traffic),
         failures=failures,
-        seconds={"exchange": exchange_s, "server-compute": server_s},
+        seconds={"exchange": exchange_s, "server-compute": server_s, "client-compute": client_s},
     )
 
 

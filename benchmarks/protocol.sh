@@ -14,8 +14,10 @@ declare -A extra=(
   [atlas]=""
   [atlas-no-laplacian+zero-pad]="aggregation=\"zero-pad\""
   [atlas-no-laplacian+factor-avg]="aggregation=\"factor-avg\""
+  [fedavg-cluster+split-auto]="split=\"auto\""
 )
-order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg)
+order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
+  fedavg-cluster+split-auto)
 labels=("$@")
 [ ${#labels[@]} -gt 0 ] || labels=("${order[@]}")
 for label in "${labels[@]}"; do

@@ -23,6 +23,7 @@ ORDER = [
     "atlas",
     "atlas-no-laplacian+zero-pad",
     "atlas-no-laplacian+factor-avg",
+    "fedavg-cluster+split-auto",
 ]
 
 
@@ -43,7 +44,13 @@ def row(run: Path) -> list[str]:
     cells += [f"{final[f'{task}-{metric}']:.3f}" for task, metric in COLUMNS]
     cells.append(f"{final['mean-main-metric']:.3f}")
     cells.append(f"{min(c[MAIN[c['task']]] for c in clients):.3f}")
-    cells.append(f"{sum(not r['fits-budget'] for r in ranks)} / {len(ranks)}")
+    if (run / "split.json").is_file():  # a split client holds only its bottom: its own prediction
+        budget = {r["client-id"]: r["memory-budget-bytes"] for r in ranks}
+        split = json.loads((run / "split.json").read_text())
+        over = sum(s["client-predicted-bytes"] > budget[s["client-id"]] for s in split)
+    else:
+        over = sum(not r["fits-budget"] for r in ranks)
+    cells.append(f"{over} / {len(ranks)}")
     cells.append(f"{final['bytes-sent'] / 1e6:.2f} / {final['bytes-received'] / 1e6:.2f}")
     cells.append(f"{sum(r['round-seconds'] for r in rounds) / len(rounds):.0f}")
     cells.append(_wall(run))

@@ -69,3 +69,19 @@ def test_split_point_out_of_range_is_one_line(tiny_models: dict) -> None:
     assert num_blocks(model, "bert") == 2
     with pytest.raises(ModelError, match="split point 2 is invalid for a 2-block model: expected 1..1"):
         SplitClassifier(model, "bert", cut=2)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "qwen2"])
+def test_a_client_drops_the_top_and_its_bottom_is_unchanged(tiny_models: dict, family: str) -> None:
+    model, batch = _model_and_batch(tiny_models[family])
+    split = SplitClassifier(model, family, cut=1)
+    token_types = batch.get("token_type_ids")
+    before = split.bottom(batch["input_ids"], batch["attention_mask"], token_types).detach()
+    client_params = [id(p) for p in split.parameters("client")]
+    size = sum(p.numel() for p in model.parameters())
+    split.drop_top()
+    assert sum(p.numel() for p in model.parameters()) < size  # block 1's weights are gone from the client
+    assert num_blocks(model, family) == 1 and [id(p) for p in split.parameters("client")] == client_params
+    torch.testing.assert_close(split.bottom(batch["input_ids"], batch["attention_mask"], token_types), before)
+    with pytest.raises(ModelError, match="dropped its top"):
+        split.top(before, batch["attention_mask"])

@@ -147,9 +147,19 @@ class SplitClassifier:
 
     def top(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits from cut-layer activations: blocks [cut, L), final norm, pooling, head."""
+        if self._top is None:
+            raise ModelError("this split model dropped its top (a client holds only the bottom)")
         states = self._top(inputs_embeds=hidden, attention_mask=attention_mask).last_hidden_state
         pooled = pool(states, attention_mask, self.model.pooling)
         return self.model.head(self.model.dropout(pooled))
+
+    def drop_top(self) -> None:
+        """Free blocks [cut, L) on the client, which only ever runs the bottom.
+
+        The bottom view keeps its own block list, so it is unaffected; :meth:`top` is gone.
+        """
+        del _get(self.model.backbone.get_base_model(), _layout(self.family).blocks)[self.cut :]
+        self._top = None
 
     def parameters(self, side: str) -> list[nn.Parameter]:
         """Trainable parameters of one side: ``client`` (LoRA of blocks [0, cut)) or ``server`` (the rest + head)."""
