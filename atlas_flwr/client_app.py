@@ -9,13 +9,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from atlas_flwr.codec import encode_update, from_wire_record
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.eurosat.client import eurosat_train
 from atlas_flwr.identity import client_identity
 from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
 from atlas_flwr.quiet import quiet_libraries
-from atlas_flwr.records import from_record, to_record
+from atlas_flwr.records import to_numpy
 from atlas_flwr.split_client import split_step
 from atlas_flwr.train import pick_device, seed_for
 from strategies.memory import DeviceProfile, parse_size, profile_for
@@ -24,12 +25,15 @@ quiet_libraries()
 app = ClientApp()
 
 
-def _states(message: Message) -> tuple[dict, dict]:
+def _states(message: Message, precision: str) -> tuple[dict, dict]:
     content = message.content
     for name in ("adapter", "head"):
         if name not in content.array_records:
             raise AtlasError(f"message {message.metadata.message_type!r} lacks the {name!r} ArrayRecord")
-    return from_record(content.array_records["adapter"]), from_record(content.array_records["head"])
+    return (
+        from_wire_record(content.array_records["adapter"], precision),
+        from_wire_record(content.array_records["head"], precision),
+    )
 
 
 def device_profile(context: Context, cfg: Config, client_id: int) -> DeviceProfile:
@@ -97,7 +101,7 @@ def train(message: Message, context: Context) -> Message:
     server_round = int(message.content.config_records["config"]["server-round"])
     if cfg.inject_failures and injected_failure(cfg.seed, client_id, server_round, cfg.inject_failures):
         raise AtlasError(f"injected failure (inject-failures = {cfg.inject_failures}) in round {server_round}")
-    adapter, head = _states(message)
+    adapter, head = _states(message, cfg.precision)
     new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head)
     log(INFO, "client %d round %d: %s", client_id, server_round, result.summary())
     metrics = MetricRecord(
@@ -109,7 +113,13 @@ def train(message: Message, context: Context) -> Message:
             "train-steps": result.steps,
         }
     )
-    content = RecordDict({"adapter": to_record(new_adapter), "head": to_record(new_head), "metrics": metrics})
+    content = RecordDict(
+        {
+            "adapter": encode_update(to_numpy(new_adapter), adapter, cfg.precision),
+            "head": encode_update(to_numpy(new_head), head, cfg.precision),
+            "metrics": metrics,
+        }
+    )
     return Message(content, reply_to=message)
 
 
@@ -124,7 +134,7 @@ def train_split(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received adapter and head on the task's validation rows."""
     cfg, client_id = client_identity(context)
-    adapter, head = _states(message)
+    adapter, head = _states(message, cfg.precision)
     metrics = run_evaluate(cfg, client_id, adapter, head)
     return Message(RecordDict({"metrics": MetricRecord({"client-id": client_id, **metrics})}), reply_to=message)
 

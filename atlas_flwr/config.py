@@ -28,7 +28,7 @@ POOLINGS = ("mean", "cls", "last")
 PADDINGS = ("longest", "max-length")
 DEVICES = ("auto", "cpu", "cuda")
 WORKLOADS = ("glue", "eurosat")
-#: Compute and wire precision of the EuroSAT workload (atlas_flwr/eurosat/codec.py).
+#: Wire precision of both workloads, and the EuroSAT compute precision (atlas_flwr/codec.py).
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Learning rate per round: constant, or cosine from ``lr`` to ``lr / 100`` over ``num-server-rounds``.
 LR_SCHEDULES = ("constant", "cosine")

@@ -308,14 +308,16 @@ def serve(
     (workdir / f"{FEDERATION_FILE}.tmp").replace(workdir / FEDERATION_FILE)
     print(f"atlas-deploy: SuperLink pid {link.process.pid} at {link.address}; logs in {workdir}", flush=True)
     with ExitStack() as stack:
-        if local_nodes:
-            for i in range(num):
-                node = start_supernode(workdir, i)
-                stack.callback(stop_family, node)
-                print(f"atlas-deploy: SuperNode {i} pid {node.pid}: {fed['node-configs'][i]}", flush=True)
+        nodes = []
+        for i in range(num if local_nodes else 0):
+            nodes.append(start_supernode(workdir, i))
+            stack.callback(stop_family, nodes[-1])
+            print(f"atlas-deploy: SuperNode {i} pid {nodes[-1].pid}: {fed['node-configs'][i]}", flush=True)
         deadline = time.monotonic() + wait_s
         # The ServerApp asks every node at once who it is: start only when all are connected.
         while (online := link.online()) < num:
+            if dead := [i for i, node in enumerate(nodes) if node.poll() is not None]:
+                raise AtlasError(f"SuperNode {dead[0]} exited: {_tail(workdir / f'supernode-{dead[0]}.log', 300)}")
             if time.monotonic() > deadline:
                 logs = " | ".join(f"node {i}: {_tail(workdir / f'supernode-{i}.log', 200)}" for i in range(num))
                 raise AtlasError(f"only {online} of {num} SuperNodes connected within {wait_s:.0f} s; {logs}")

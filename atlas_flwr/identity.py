@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flwr.app import Context
 
 from atlas_flwr.config import Config
@@ -12,7 +14,8 @@ def client_identity(context: Context) -> tuple[Config, int]:
     """The run config and this client's id (``partition-id`` of its node config).
 
     In simulation the engine sets ``partition-id`` and ``num-partitions``; on the
-    Deployment Engine the SuperNode's ``--node-config`` does. One code path for both, and for
+    Deployment Engine the SuperNode's ``--node-config`` does, and may also give the site's own
+    ``data-dir`` or ``eurosat-data``. One code path for both, and for
     both workloads (the population is ``tasks x clients-per-task`` or ``eurosat-clients``).
     """
     cfg = Config.from_run_config(context.run_config)
@@ -31,4 +34,6 @@ def client_identity(context: Context) -> tuple[Config, int]:
         )
     if not 0 <= client_id < cfg.num_clients:
         raise AtlasError(f"partition-id = {client_id} is invalid: expected 0..{cfg.num_clients - 1} ({population})")
-    return cfg, client_id
+    # A site's data lives where the site keeps it: a path in the node config beats the run config's.
+    paths = {key.replace("-", "_"): str(node[key]) for key in ("data-dir", "eurosat-data") if key in node}
+    return (replace(cfg, **paths) if paths else cfg), client_id

@@ -19,6 +19,8 @@ def preflight(cfg: Config) -> None:
         raise ConfigError("min-clients", cfg.min_clients, f"an integer <= the {cfg.num_clients} clients of this run")
     if cfg.split != "none" and cfg.lr_schedule != "constant":
         raise ConfigError("lr-schedule", cfg.lr_schedule, "constant with split learning (its halves keep AdamW state)")
+    if cfg.split != "none" and cfg.precision != "fp32":
+        raise ConfigError("precision", cfg.precision, "fp32 with split learning (activations travel in fp32)")
     if cfg.resume_from:
         check_resumable(load_checkpoint(cfg.resume_from).meta["run-config"], cfg.to_dict())
     resolve_model(cfg.model)

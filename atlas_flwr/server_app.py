@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from atlas_flwr.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from atlas_flwr.codec import decode_update, held_by_client, to_wire_record
 from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
 from atlas_flwr.errors import AtlasError
@@ -25,7 +26,7 @@ from atlas_flwr.local import initial_state, model_shape, modules_per_layer, trai
 from atlas_flwr.messaging import exchange
 from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
-from atlas_flwr.records import from_record, message_bytes, to_numpy, to_record
+from atlas_flwr.records import from_record, message_bytes, to_numpy
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
 from atlas_flwr.split_server import SplitRun, group_states, merge_bottoms, plan_split, run_split_round
 from strategies.aggregation import LORA_A_SUFFIX, State
@@ -108,10 +109,16 @@ def describe_clients(grid: Grid, cfg: Config) -> list[ClientInfo]:
     return sorted(clients, key=lambda c: c.client_id)
 
 
-def _content(strategy: PersonalizedPipeline, client: ClientInfo, server_round: int) -> RecordDict:
+def _content(
+    strategy: PersonalizedPipeline, client: ClientInfo, server_round: int, precision: str = "fp32"
+) -> RecordDict:
     adapter, head = strategy.state_for(client.client_id)
     return RecordDict(
-        {"adapter": to_record(adapter), "head": to_record(head), "config": ConfigRecord({"server-round": server_round})}
+        {
+            "adapter": to_wire_record(adapter, precision),
+            "head": to_wire_record(head, precision),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
     )
 
 
@@ -122,10 +129,14 @@ def _send(
     kind: str,
     server_round: int,
     timeout: float | None = None,
+    precision: str = "fp32",
 ) -> tuple[list[tuple[ClientInfo, Message]], dict[str, float]]:
     messages = [
         Message(
-            _content(strategy, c, server_round), dst_node_id=c.node_id, message_type=kind, group_id=str(server_round)
+            _content(strategy, c, server_round, precision),
+            dst_node_id=c.node_id,
+            message_type=kind,
+            group_id=str(server_round),
         )
         for c in clients
     ]
@@ -169,12 +180,13 @@ def evaluation_groups(
     return {members[0]: members for members in groups.values()}
 
 
-def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State]) -> Update:
+def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State], precision: str = "fp32") -> Update:
     """Decode a train reply; raise ValueError (one line) if it cannot be aggregated.
 
     Missing or unexpected records, a payload larger than the sent state, keys or shapes that differ
     from what was ``sent`` (a LoRA rank above the assigned one among them), and NaN or infinite
-    values are refused here, so they never reach the aggregate.
+    values are refused here, so they never reach the aggregate. ``sent`` is what the client holds
+    (the decoded download); in fp16 and int8 the reply is an update relative to it.
     """
     content = msg.content
     missing = [n for n in ("adapter", "head") if n not in content.array_records]
@@ -191,7 +203,13 @@ def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, Stat
     metrics = dict(content.metric_records["metrics"])
     if "num-examples" not in metrics or metrics["num-examples"] <= 0:
         raise ValueError(f"num-examples = {metrics.get('num-examples')!r}: expected a positive count")
-    adapter, head = from_record(content.array_records["adapter"]), from_record(content.array_records["head"])
+    decoded = []
+    for name, reference in (("adapter", sent[0]), ("head", sent[1])):
+        try:
+            decoded.append(decode_update(content.array_records[name], reference, precision))
+        except ValueError as err:
+            raise ValueError(f"{name} {err}") from err
+    adapter, head = decoded
     for name, state, reference in (("adapter", adapter, sent[0]), ("head", head, sent[1])):
         if set(state) != set(reference):
             diff = sorted(set(state) ^ set(reference))
@@ -357,13 +375,14 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
 
 
 def collect_updates(
-    ok: Sequence[tuple[ClientInfo, Message]], strategy: PersonalizedPipeline, server_round: int
+    ok: Sequence[tuple[ClientInfo, Message]], strategy: PersonalizedPipeline, server_round: int, precision: str = "fp32"
 ) -> tuple[list[Update], int]:
     """Decode the train replies that can be aggregated; log and count the rejected ones."""
     updates, rejected = [], 0
     for client, msg in ok:
+        held = tuple(held_by_client(s, precision) for s in strategy.state_for(client.client_id))
         try:
-            updates.append(decode_train_reply(client, msg, strategy.state_for(client.client_id)))
+            updates.append(decode_train_reply(client, msg, held, precision))
         except ValueError as err:
             rejected += 1
             log(WARNING, "round %d train: reply of client %d rejected: %s", server_round, client.client_id, err)
@@ -379,9 +398,10 @@ def _train_federated(
     last_train: dict[int, dict[str, float]],
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Train messages to every client, validated replies folded into the strategy."""
-    ok, train_io = _send(grid, clients, strategy, "train", server_round, cfg.reply_timeout_seconds or None)
+    timeout = cfg.reply_timeout_seconds or None
+    ok, train_io = _send(grid, clients, strategy, "train", server_round, timeout, cfg.precision)
     t1 = time.perf_counter()
-    replies, rejected = collect_updates(ok, strategy, server_round)
+    replies, rejected = collect_updates(ok, strategy, server_round, cfg.precision)
     train_io["failures"] += rejected
     train_io["rejected"] = float(rejected)
     needed = min(cfg.min_clients, len(clients))
@@ -572,7 +592,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         t1 = time.perf_counter()
         shared = evaluation_groups(clients, strategy)
         ok_eval, eval_io = _send(
-            grid, list(shared), strategy, "evaluate", server_round, cfg.reply_timeout_seconds or None
+            grid, list(shared), strategy, "evaluate", server_round, cfg.reply_timeout_seconds or None, cfg.precision
         )
         for representative, msg in ok_eval:
             metrics = {k: v for k, v in msg.content.metric_records["metrics"].items() if k != "client-id"}

@@ -15,9 +15,11 @@ declare -A extra=(
   [atlas-no-laplacian+zero-pad]="aggregation=\"zero-pad\""
   [atlas-no-laplacian+factor-avg]="aggregation=\"factor-avg\""
   [fedavg-cluster+split-auto]="split=\"auto\""
+  [fedavg+fp16]="precision=\"fp16\""
+  [fedavg+int8]="precision=\"int8\""
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
-  fedavg-cluster+split-auto)
+  fedavg-cluster+split-auto fedavg+fp16 fedavg+int8)
 labels=("$@")
 [ ${#labels[@]} -gt 0 ] || labels=("${order[@]}")
 for label in "${labels[@]}"; do

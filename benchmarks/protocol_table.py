@@ -24,6 +24,8 @@ ORDER = [
     "atlas-no-laplacian+zero-pad",
     "atlas-no-laplacian+factor-avg",
     "fedavg-cluster+split-auto",
+    "fedavg+fp16",
+    "fedavg+int8",
 ]
 
 

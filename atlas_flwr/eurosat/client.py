@@ -7,8 +7,8 @@ from logging import INFO
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from atlas_flwr.codec import from_wire_record, to_wire_record
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.eurosat.codec import from_wire_record, to_wire_record
 from atlas_flwr.eurosat.data import client_indices, load_eurosat
 from atlas_flwr.eurosat.model import EuroSatCNN, exchanged_state, load_exchanged
 from atlas_flwr.eurosat.train import train_local

@@ -24,10 +24,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from safetensors.numpy import save_file
 
+from atlas_flwr.codec import State, from_wire_record, to_wire_record
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.eurosat.client import ARRAYS, METRICS
-from atlas_flwr.eurosat.codec import State, from_wire_record, to_wire_record
 from atlas_flwr.eurosat.data import load_eurosat
 from atlas_flwr.eurosat.model import EuroSatCNN, build_model, exchanged_state, load_exchanged, num_parameters
 from atlas_flwr.eurosat.train import evaluate
@@ -47,7 +47,7 @@ class WireFedAvg(FedAvg):
     Parameters
     ----------
     precision : str
-        ``fp32``, ``fp16`` or ``int8`` (see :mod:`atlas_flwr.eurosat.codec`).
+        ``fp32``, ``fp16`` or ``int8`` (see :mod:`atlas_flwr.codec`).
     num_clients : int
         Every round trains on all of them (and waits until they are all connected).
     """

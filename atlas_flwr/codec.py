@@ -1,4 +1,4 @@
-"""Wire formats of the EuroSAT workload: what a model or an update looks like in an ArrayRecord.
+"""Wire formats (``precision``) of both workloads: what a model or an update looks like in an ArrayRecord.
 
 - ``fp32``: every tensor as float32.
 - ``fp16``: every tensor as float16.
@@ -85,3 +85,31 @@ def to_wire_record(state: Mapping[str, np.ndarray], precision: str) -> ArrayReco
 def from_wire_record(record: ArrayRecord, precision: str) -> State:
     """float32 tensors of a record written by :func:`to_wire_record`."""
     return decode({k: arr.numpy() for k, arr in record.items()}, precision)
+
+
+def held_by_client(state: Mapping[str, np.ndarray], precision: str) -> State:
+    """What a client holds after receiving ``state`` in ``precision`` (``state`` itself for fp32)."""
+    if precision == "fp32":
+        return dict(state)
+    return decode(encode(state, precision), precision)
+
+
+def encode_update(new: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], precision: str) -> ArrayRecord:
+    """A client's reply: its new weights in fp32 (exact), else its update ``new - received`` in ``precision``.
+
+    Updates are far smaller than weights, so a shared per-channel scale loses far less on them.
+    """
+    if precision == "fp32":
+        return to_wire_record(new, precision)
+    if set(new) != set(received):
+        raise ValueError(f"update keys differ from the received ones: {sorted(set(new) ^ set(received))[:3]}")
+    return to_wire_record({k: np.asarray(new[k], np.float32) - received[k] for k in new}, precision)
+
+
+def decode_update(record: ArrayRecord, received: Mapping[str, np.ndarray], precision: str) -> State:
+    """The client's new weights from :func:`encode_update`'s record and what it had ``received``."""
+    update = from_wire_record(record, precision)
+    if precision == "fp32":
+        return update
+    # Keys or shapes that differ from ``received`` are reported by the caller's validation.
+    return {k: (received[k] + v if k in received and received[k].shape == v.shape else v) for k, v in update.items()}
