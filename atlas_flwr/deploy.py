@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Self
 
@@ -43,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from atlas_flwr.cli import resolve_run_config
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.launch import free_port, run_status, stop_family, stream_flwr_run, toml_value
+from atlas_flwr.launch import LocalSuperLink, free_port, run_status, stop_family, stream_flwr_run, toml_value
 from atlas_flwr.preflight import preflight
 
 CONNECTION = "atlas-deploy"  # the SuperLink connection's name in the per-run FLWR_HOME
@@ -151,8 +151,10 @@ def node_config(index: int, num_nodes: int, memory: Sequence[str]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
-class TLSSuperLink(AbstractContextManager):
+class TLSSuperLink(LocalSuperLink):
     """A SuperLink with TLS and SuperNode authentication, and a ``flwr`` CLI home that trusts it.
+
+    Starting, waiting for health and stopping (by PID, with every child) are :class:`LocalSuperLink`'s.
 
     Parameters
     ----------
@@ -166,11 +168,13 @@ class TLSSuperLink(AbstractContextManager):
         The host name SuperNodes and the CLI use; the certificate is valid for it.
     """
 
+    log_name = "superlink.log"
+
     def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 0, advertise: str = "127.0.0.1") -> None:
-        self.workdir = workdir.resolve()
-        self.host, self.port, self.advertise = host, port or free_port(), advertise
-        self.process: subprocess.Popen | None = None
+        super().__init__(workdir.resolve(), port or None)
+        self.host, self.advertise = host, advertise
         self.tls: dict[str, Path] = {}
+        self._context: ssl.SSLContext | None = None
 
     @property
     def address(self) -> str:
@@ -185,15 +189,26 @@ class TLSSuperLink(AbstractContextManager):
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         return env
 
-    def _healthy(self, context: ssl.SSLContext) -> bool:
+    def _healthy(self) -> bool:
         try:
-            return httpx.get(f"https://{self.advertise}:{self.port}/health", verify=context, timeout=1).is_success
+            url = f"https://{self.advertise}:{self.port}/health"
+            return httpx.get(url, verify=self._context, timeout=1).is_success
         except httpx.HTTPError:
             return False
+
+    def _command(self) -> list[str]:
+        return [
+            _bin("flower-superlink"),
+            *("--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"])),
+            *("--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth"),
+            *("--isolation", "subprocess", "--host", self.host, "--port", str(self.port)),
+            *("--database", str(self.workdir / "state.db"), "--disable-runtime-dependency-installation"),
+        ]
 
     def __enter__(self) -> Self:
         hosts = [self.advertise, socket.gethostname(), socket.getfqdn()]
         self.tls = write_certificates(self.workdir / "tls", hosts)
+        self._context = ssl.create_default_context(cafile=str(self.tls["ca"]))
         home = self.workdir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
         # A connection of our own in a FLWR_HOME of our own: no [tool.flwr.federations] in pyproject,
@@ -202,59 +217,7 @@ class TLSSuperLink(AbstractContextManager):
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "{self.address}"\nroot-certificates = "{self.tls["ca"]}"\n'
         )
-        command = [
-            _bin("flower-superlink"),
-            *("--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"])),
-            *("--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth"),
-            *("--isolation", "subprocess", "--host", self.host, "--port", str(self.port)),
-            *("--database", str(self.workdir / "state.db"), "--disable-runtime-dependency-installation"),
-        ]
-        with open(self.workdir / "superlink.log", "wb") as out:
-            self.process = subprocess.Popen(
-                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        context = ssl.create_default_context(cafile=str(self.tls["ca"]))
-        deadline = time.monotonic() + 60
-        while not self._healthy(context):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AtlasError(
-                    f"the SuperLink did not start on {self.address}: {_tail(self.workdir / 'superlink.log')}"
-                )
-            time.sleep(0.2)
-        return self
-
-    def stop(self) -> None:
-        """Stop the SuperLink and everything it spawned (SuperExec, the ServerApp)."""
-        if self.process is not None:
-            stop_family(self.process)
-        self.process = None
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def flwr(self, *args: str, capture: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
-        """Run a ``flwr`` CLI command with this SuperLink's FLWR_HOME."""
-        return subprocess.run(
-            [_bin("flwr"), *args], env=self.env, capture_output=capture, text=True, timeout=timeout, check=False
-        )
-
-    def register(self, public_key: Path) -> int:
-        """Register a SuperNode's public key; return its node id."""
-        result = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json", timeout=60)
-        try:
-            return int(json.loads(result.stdout)["node-id"])
-        except (json.JSONDecodeError, KeyError) as err:
-            raise AtlasError(f"flwr supernode register {public_key} failed: {result.stdout[-300:]}") from err
-
-    def online(self) -> int:
-        """How many registered SuperNodes are connected now."""
-        result = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
-        try:
-            nodes = json.loads(result.stdout)["nodes"]
-        except (json.JSONDecodeError, KeyError):
-            return 0
-        return sum(node.get("status") == "online" for node in nodes)
+        return super().__enter__()
 
 
 def _tail(path: Path, chars: int = 600) -> str:

@@ -68,7 +68,6 @@ class LocalSuperLink(AbstractContextManager):
     def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="atlas-superlink-"))
         self.port = port or free_port()
-        self.log_file = self.workdir / "superlink.log"
         self.process: subprocess.Popen | None = None
 
     @property
@@ -86,32 +85,29 @@ class LocalSuperLink(AbstractContextManager):
         except httpx.HTTPError:
             return False
 
+    #: Where the SuperLink's output goes, under ``workdir``.
+    log_name = "superlink.out"
+
+    def _command(self) -> list[str]:
+        return [
+            str(Path(sys.executable).with_name("flower-superlink")),
+            *("--insecure", "--simulation", "--isolation", "subprocess"),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+            *("--database", str(self.workdir / "state.db"), "--disable-runtime-dependency-installation"),
+        ]
+
     def __enter__(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        command = [
-            str(Path(sys.executable).with_name("flower-superlink")),
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--database",
-            str(self.workdir / "state.db"),
-            "--disable-runtime-dependency-installation",
-        ]
-        with open(self.workdir / "superlink.out", "wb") as out:
+        with open(self.workdir / self.log_name, "wb") as out:
             self.process = subprocess.Popen(
-                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self._command(), env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + 60
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                tail = (self.workdir / "superlink.out").read_text(errors="replace")[-2000:]
-                raise AtlasError(f"the local SuperLink did not start on port {self.port}: {tail.strip()[-300:]}")
+                tail = (self.workdir / self.log_name).read_text(errors="replace")[-2000:]
+                raise AtlasError(f"the SuperLink did not start on port {self.port}: {tail.strip()[-300:]}")
             time.sleep(0.2)
         return self
 

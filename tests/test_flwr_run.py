@@ -111,6 +111,7 @@ def test_sigkill_of_the_server_then_resume_gives_the_uninterrupted_result(tmp_pa
 
     out = tmp_path / "outputs"
     common = ["configs/smoke.toml", "--set", "num-server-rounds=3", "--set", f"data-dir={json.dumps(glue_dir)}"]
+    common += ["--set", 'strategy="fedavg"']  # no fingerprint phase: three runs of this test stay short
     common += ["--set", f"output-dir={json.dumps(str(out))}"]
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     whole = _atlas_run(*common, "--set", "run-name=whole", env_extra=env)
