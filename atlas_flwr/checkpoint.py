@@ -3,7 +3,8 @@
 A checkpoint is ``<run dir>/checkpoint/``:
 
 - ``round-NNNN.safetensors``: every client's adapter and head (``adapter/<client>/<key>``,
-  ``head/<client>/<key>``) and the server's RNG states (``rng/numpy``, ``rng/torch``);
+  ``head/<client>/<key>``), the server's RNG states (``rng/numpy``, ``rng/torch``) and any other
+  server tensors (``extra/...``: the AdamW state of split learning's server halves);
 - ``state.json``: the round, the run config, groups, adjacency, rank plan, the metrics so far, and the
   name and SHA-256 of the tensor file it belongs to.
 
@@ -47,6 +48,7 @@ class Checkpoint:
     heads: dict[int, State]
     meta: dict[str, Any]
     rng: dict[str, np.ndarray]
+    extra: dict[str, np.ndarray]
 
     def restore_rng(self) -> None:
         """Put the server's numpy and torch global RNGs back where they were after the round."""
@@ -71,8 +73,12 @@ def save_checkpoint(
     adapters: Mapping[int, State],
     heads: Mapping[int, State],
     meta: Mapping[str, Any],
+    extra: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``server_round``; return the path of its ``state.json``."""
+    """Write the checkpoint of ``server_round``; return the path of its ``state.json``.
+
+    ``extra`` holds any other server tensors (the split halves' AdamW state), stored as ``extra/<key>``.
+    """
     folder = run_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
@@ -80,6 +86,7 @@ def save_checkpoint(
         for client_id, state in states.items():
             for key, value in state.items():
                 tensors[f"{prefix}/{client_id}/{key}"] = np.ascontiguousarray(value)
+    tensors |= {f"extra/{k}": np.ascontiguousarray(v) for k, v in (extra or {}).items()}
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["rng/numpy"] = np.asarray(keys, dtype=np.uint32)
     tensors["rng/torch"] = torch.get_rng_state().numpy().copy()
@@ -132,14 +139,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     adapters: dict[int, State] = {}
     heads: dict[int, State] = {}
     rng: dict[str, np.ndarray] = {}
+    extra: dict[str, np.ndarray] = {}
     for name, value in sorted(load_file(str(tensor_path)).items()):
         prefix, rest = name.split("/", 1)
-        if prefix == "rng":
-            rng[rest] = value
+        if prefix in ("rng", "extra"):
+            (rng if prefix == "rng" else extra)[rest] = value
             continue
         client, key = rest.split("/", 1)
         (adapters if prefix == "adapter" else heads).setdefault(int(client), {})[key] = value
-    return Checkpoint(state_path.parent.parent, int(meta["round"]), adapters, heads, meta, rng)
+    return Checkpoint(state_path.parent.parent, int(meta["round"]), adapters, heads, meta, rng, extra)
 
 
 def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:

@@ -219,6 +219,23 @@ class TLSSuperLink(LocalSuperLink):
         )
         return super().__enter__()
 
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key; return its node id."""
+        result = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json", timeout=60)
+        try:
+            return int(json.loads(result.stdout)["node-id"])
+        except (json.JSONDecodeError, KeyError) as err:
+            raise AtlasError(f"flwr supernode register {public_key} failed: {result.stdout[-300:]}") from err
+
+    def online(self) -> int:
+        """How many registered SuperNodes are connected now."""
+        result = self.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
+        try:
+            nodes = json.loads(result.stdout)["nodes"]
+        except (json.JSONDecodeError, KeyError):
+            return 0
+        return sum(node.get("status") == "online" for node in nodes)
+
 
 def _tail(path: Path, chars: int = 600) -> str:
     try:

@@ -500,8 +500,6 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
     if ckpt is not None:
         check_resumable(ckpt.meta["run-config"], cfg.to_dict())
-        if cfg.split != "none":
-            raise AtlasError("resume-from does not cover split learning yet (its server halves' AdamW state)")
         if ckpt.server_round >= cfg.num_server_rounds:
             raise AtlasError(
                 f"resume-from: the checkpoint already ends round {ckpt.server_round}, and num-server-rounds = "
@@ -558,7 +556,13 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         if switches.ranks == "budget":
             raise AtlasError("split learning sets the cut from the memory budget: use ranks = uniform with split")
         heads = [strategy.head_key(c.client_id) for c in clients]
-        split = plan_split(cfg, clients, heads, strategy.state_for(clients[0].client_id))
+        split = plan_split(cfg, clients, heads, {c.client_id: strategy.state_for(c.client_id) for c in clients})
+        if ckpt is not None:
+            for index, group in enumerate(split.groups):
+                prefix = f"split-{index}/"
+                group.server.load_optimizer_state(
+                    {k[len(prefix) :]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
+                )
         writer.write_table("split", split.choices)
         for row in split.choices:
             log(
@@ -611,7 +615,11 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         }
         writer.add_round(row)
         meta = _checkpoint_meta(cfg, plan, evals, last_train, writer, plan_seconds)
-        save_checkpoint(run_dir, server_round, strategy.adapters, strategy.heads, meta)
+        server_tensors = {}
+        if split is not None:  # the server halves' AdamW moments carry over to the next round
+            for index, group in enumerate(split.groups):
+                server_tensors |= {f"split-{index}/{k}": v for k, v in group.server.optimizer_state().items()}
+        save_checkpoint(run_dir, server_round, strategy.adapters, strategy.heads, meta, server_tensors)
         log(INFO, "%s", _round_line(server_round, cfg.num_server_rounds, row, cfg.tasks))
         longest_round = max(longest_round, t3 - t0)
         # Between rounds: stop when the next round, if as long as the longest so far, would end past the limit.

@@ -209,10 +209,13 @@ def plan_split(
     cfg: Config,
     clients: Sequence[ClientInfo],
     head_groups: Sequence[Hashable],
-    initial: tuple[State, State],
+    states: Mapping[int, tuple[State, State]],
 ) -> SplitRun:
     """Choose each client's cut (``split = auto``: the deepest that fits its memory; or the given block), and
     build one server half per head group (a group's cut is its members' smallest, so every member fits).
+
+    ``states`` holds each client's adapter and head: at the start of a run they are all the initial state;
+    on resume they are the checkpoint's, whose group members share their top and head.
     """
     from atlas_flwr.local import loaded_model, model_shape, train_shape
     from atlas_flwr.models.registry import resolve_model
@@ -239,14 +242,14 @@ def plan_split(
     groups, bottoms = [], {}
     for indices in members.values():
         cut = min(choices[i]["cut"] for i in indices)
-        bottom, top = split_adapter(initial[0], cut)
-        task = clients[indices[0]].task
-        model = loaded_model(cfg, task, top, initial[1])
+        first = clients[indices[0]]
+        _, top = split_adapter(states[first.client_id][0], cut)
+        model = loaded_model(cfg, first.task, top, states[first.client_id][1])
         server = server_half(model, family, cut, cfg.lr, cfg.head_lr, cfg.weight_decay)
         groups.append(SplitGroup(cut, server, [clients[i] for i in indices]))
         for i in indices:
             choices[i]["group-cut"] = cut
-            bottoms[clients[i].client_id] = bottom
+            bottoms[clients[i].client_id] = split_adapter(states[clients[i].client_id][0], cut)[0]
     return SplitRun(groups, bottoms, choices)
 
 

@@ -30,7 +30,35 @@ def _inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
     return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
 
 
-class ClientSide:
+class _AdamWSide:
+    """What both halves share: their trainable parameters in a fixed order, and the AdamW state of them."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW moments and step counts as arrays (the client keeps them in ``context.state``, the server in
+        its checkpoint)."""
+        out: dict[str, np.ndarray] = {}
+        for i, param in enumerate(self.params):
+            for key, value in self.optimizer.state.get(param, {}).items():
+                out[f"{i}.{key}"] = value.detach().cpu().numpy().copy()
+        return out
+
+    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`optimizer_state`; shapes must match these parameters."""
+        for name, value in arrays.items():
+            index, key = name.split(".", 1)
+            param = self.params[int(index)]
+            tensor = torch.from_numpy(np.array(value, copy=True))
+            if key != "step" and tensor.shape != param.shape:
+                raise AtlasError(
+                    f"optimizer state {name!r} has shape {tuple(tensor.shape)}: expected {tuple(param.shape)}"
+                )
+            self.optimizer.state[param][key] = tensor
+
+
+class ClientSide(_AdamWSide):
     """The client's half: embeddings, blocks [0, cut) and their LoRA, with their AdamW."""
 
     def __init__(self, split: SplitClassifier, *, lr: float, weight_decay: float) -> None:
@@ -64,28 +92,8 @@ class ClientSide:
         self.optimizer.step()
         self._pending = None
 
-    def optimizer_state(self) -> dict[str, np.ndarray]:
-        """AdamW moments and step counts as arrays (to keep between messages in ``context.state``)."""
-        out: dict[str, np.ndarray] = {}
-        for i, param in enumerate(self.params):
-            for key, value in self.optimizer.state.get(param, {}).items():
-                out[f"{i}.{key}"] = value.detach().cpu().numpy().copy()
-        return out
 
-    def load_optimizer_state(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Restore :meth:`optimizer_state`; shapes must match this client's parameters."""
-        for name, value in arrays.items():
-            index, key = name.split(".", 1)
-            param = self.params[int(index)]
-            tensor = torch.from_numpy(np.array(value, copy=True))
-            if key != "step" and tensor.shape != param.shape:
-                raise AtlasError(
-                    f"optimizer state {name!r} has shape {tuple(tensor.shape)}: expected {tuple(param.shape)}"
-                )
-            self.optimizer.state[param][key] = tensor
-
-
-class ServerSide:
+class ServerSide(_AdamWSide):
     """The server's half: blocks [cut, L), their LoRA and the task head, with their AdamW."""
 
     def __init__(self, split: SplitClassifier, *, lr: float, head_lr: float, weight_decay: float) -> None:
@@ -96,6 +104,7 @@ class ServerSide:
             {"params": [p for p in params if not names[id(p)].startswith("head.")], "lr": lr},
             {"params": [p for p in params if names[id(p)].startswith("head.")], "lr": head_lr},
         ]
+        self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
         self.loss_fn = torch.nn.CrossEntropyLoss()
 

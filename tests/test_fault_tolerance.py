@@ -51,7 +51,11 @@ class CrashingGrid(LocalGrid):
 
     def push_messages(self, messages):
         messages = list(messages)
-        if messages and messages[0].metadata.message_type == "train":
+        # A round's first train push: "train", or the step-0 "train.split" that carries the bottoms.
+        first = messages and messages[0].metadata.message_type.startswith("train")
+        if first and "config" in messages[0].content.config_records:
+            first = int(messages[0].content.config_records["config"].get("step", 0)) == 0
+        if first:
             self.train_pushes += 1
             if self.train_pushes == self.crash_at:
                 raise SystemExit("simulated crash")
@@ -111,6 +115,23 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny: dict) -> None
             assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
     summary = json.loads((crashed / "summary.json").read_text())
     assert summary["resumed-after-round"] == 2 and summary["rounds"] == 3
+
+
+def test_a_split_learning_run_resumes_exactly_with_the_server_halves_adamw_state(tiny: dict) -> None:
+    values = {**tiny, "split": "1", "num-server-rounds": 2, "tasks": "sst2", "max-samples-per-client": 16}
+    whole = _run({**values, "run-name": "split-whole"})
+    with pytest.raises(SystemExit):
+        _run({**values, "run-name": "split-crashed"}, CrashingGrid, crash_at=2)
+    crashed = Path(tiny["output-dir"]) / "split-crashed"
+    ckpt = load_checkpoint(crashed)
+    assert ckpt.server_round == 1 and any(k.startswith("split-0/") and k.endswith("exp_avg") for k in ckpt.extra)
+    resumed = _run({**values, "resume-from": str(crashed)})
+    assert _untimed(json.loads((crashed / "rounds.json").read_text())) == _untimed(
+        json.loads((whole.run_dir / "rounds.json").read_text())
+    )
+    for cid in range(2):
+        for got, want in zip(resumed.strategy.state_for(cid), whole.strategy.state_for(cid), strict=True):
+            assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_resume_refuses_a_changed_config_and_a_finished_run(tiny: dict) -> None:
