@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from safetensors.numpy import save_file
 
+from atlas_flwr.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from atlas_flwr.codec import State, from_wire_record, to_wire_record
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
@@ -60,6 +61,7 @@ class WireFedAvg(FedAvg):
             min_available_nodes=num_clients,
         )
         self.precision = precision
+        self.round_offset = 0  # rounds already trained before a resume: clients see the run's round numbers
         self.reference: State = {}
         self.io: dict[str, float] = {}
         self.client_metrics: dict[int, dict[str, float]] = {}
@@ -70,7 +72,7 @@ class WireFedAvg(FedAvg):
         """Encode the global model once; the clients will hold exactly its decoded copy."""
         wire = to_wire_record(from_record(arrays), self.precision)
         self.reference = from_wire_record(wire, self.precision)
-        messages = list(super().configure_train(server_round, wire, config, grid))
+        messages = list(super().configure_train(server_round + self.round_offset, wire, config, grid))
         self.io = {"bytes-sent": float(sum(map(message_bytes, messages))), "bytes-received": 0.0, "failures": 0.0}
         self.client_metrics = {}  # this round's replies only
         return messages
@@ -133,9 +135,19 @@ class CentralEvaluation:
         self.last_round, self.last_arrays = 0, ArrayRecord()
         self.round_started = time.perf_counter()
         self.longest_round = 0.0
+        self.offset = 0  # rounds trained before a resume
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        meta = {"run-config": self.cfg.to_dict(), "workload": "eurosat", "rounds": self.writer.rounds}
+        save_checkpoint(self.writer.dir, server_round, {}, {}, meta, from_record(arrays))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Test accuracy and loss of ``arrays``; raises :class:`TimeLimitReached` when no round fits any more."""
+        server_round += self.offset
+        if self.offset and server_round == self.offset:  # FedAvg's round 0 of a resumed run: already recorded
+            self.last_round, self.last_arrays = server_round, arrays
+            last = self.writer.rounds[-1]
+            return MetricRecord({"accuracy": last["test-accuracy"], "loss": last["test-loss"]})
         load_exchanged(self.model, from_record(arrays))
         metrics = evaluate(self.model, self.images, self.labels, batch_size=self.cfg.eval_batch_size)
         self.last_round, self.last_arrays = server_round, arrays
@@ -167,6 +179,8 @@ class CentralEvaluation:
                 seconds,
             )
         self.writer.add_round(row)
+        if server_round > 0:
+            self._checkpoint(server_round, arrays)
         self.round_started = now
         limit = self.cfg.time_limit_minutes * 60.0
         # Round 0 (the initial model) is never the last: a run trains at least one round.
@@ -186,13 +200,31 @@ def save_model(path: Path, arrays: ArrayRecord, metadata: dict[str, str]) -> Non
 def run_eurosat(grid: Grid, cfg: Config) -> Path:
     """FedAvg on EuroSAT for ``num-server-rounds`` rounds (or until the time limit); returns the run directory."""
     started = time.perf_counter()
-    run_dir = new_run_dir(
-        cfg.resolved_output_dir(), cfg.run_name or default_run_name(f"eurosat-{cfg.precision}", cfg.seed)
-    )
+    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    if ckpt is not None:
+        check_resumable(ckpt.meta["run-config"], cfg.to_dict())
+        if ckpt.server_round >= cfg.num_server_rounds:
+            raise AtlasError(
+                f"resume-from: the checkpoint already ends round {ckpt.server_round}, and num-server-rounds = "
+                f"{cfg.num_server_rounds}: raise num-server-rounds to train further"
+            )
+        run_dir = ckpt.run_dir
+    else:
+        run_dir = new_run_dir(
+            cfg.resolved_output_dir(), cfg.run_name or default_run_name(f"eurosat-{cfg.precision}", cfg.seed)
+        )
     writer = RunWriter(run_dir, {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__})
     model = build_model(cfg.seed)
     strategy = WireFedAvg(cfg.precision, cfg.num_clients)
     evaluation = CentralEvaluation(cfg, strategy, writer, started)
+    initial, done = to_record(exchanged_state(model)), 0
+    if ckpt is not None:
+        # Flower's FedAvg.start counts from 1: the strategy and the evaluation add the rounds already done.
+        done = strategy.round_offset = evaluation.offset = ckpt.server_round
+        writer.rounds = [dict(r) for r in ckpt.meta["rounds"]]
+        initial = to_record(ckpt.extra)
+        ckpt.restore_rng()
+        log(INFO, "resumed from %s after round %d", run_dir, done)
     log(
         INFO,
         "EuroSAT FedAvg: %d clients, %s, %d parameters; results in %s",
@@ -203,12 +235,7 @@ def run_eurosat(grid: Grid, cfg: Config) -> Path:
     )
     stopped_by = "num-server-rounds"
     try:
-        strategy.start(
-            grid,
-            to_record(exchanged_state(model)),
-            num_rounds=cfg.num_server_rounds,
-            evaluate_fn=evaluation,
-        )
+        strategy.start(grid, initial, num_rounds=cfg.num_server_rounds - done, evaluate_fn=evaluation)
     except TimeLimitReached as reason:
         log(INFO, "%s", reason)
         stopped_by = "time-limit-minutes"
@@ -230,6 +257,7 @@ def run_eurosat(grid: Grid, cfg: Config) -> Path:
             "parameters": num_parameters(model),
             "rounds-planned": cfg.num_server_rounds,
             "rounds-completed": rounds,
+            "resumed-after-round": done or None,
             "stopped-by": stopped_by,
             "test-accuracy": final["test-accuracy"],
             "best-test-accuracy": max(r["test-accuracy"] for r in writer.rounds),
