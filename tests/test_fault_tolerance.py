@@ -241,3 +241,31 @@ def test_a_rejected_reply_leaves_the_aggregate_unaffected(case: str, reason: str
     for cid in range(3):
         for got, want in zip(pipeline.state_for(cid), reference.state_for(cid), strict=True):
             assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+class SilentNodeGrid(LocalGrid):
+    """The node of client ``silent`` never answers a train message (as if it hung or went offline)."""
+
+    def __init__(self, *args, silent: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.silent_node = 1000 + silent
+        self.dropped: set[str] = set()
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for msg, msg_id in zip(messages, ids, strict=True):
+            if msg.metadata.dst_node_id == self.silent_node and msg.metadata.message_type == "train":
+                self.dropped.add(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return super().pull_messages([i for i in message_ids if i not in self.dropped])
+
+
+def test_a_reply_that_never_comes_times_out_and_counts_as_a_failure(tiny: dict, caplog) -> None:
+    values = {**tiny, "num-server-rounds": 1, "reply-timeout-seconds": 0.5}
+    outcome = _run(values, SilentNodeGrid, silent=3)
+    row = json.loads((outcome.run_dir / "rounds.json").read_text())[0]
+    assert row["failures"] == 1
+    assert any("client 3" in r.getMessage() and "no reply before the timeout" in r.getMessage() for r in caplog.records)
