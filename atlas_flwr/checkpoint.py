@@ -160,3 +160,22 @@ def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Non
                 f"resume-from: run-config key {key!r} = {current.get(key)!r} differs from the checkpoint's "
                 f"{saved.get(key)!r}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
             )
+
+
+def checkpoint_to_resume(resume_from: str, run_config: Mapping[str, Any]) -> Checkpoint | None:
+    """The checkpoint ``resume-from`` names, checked against the run config; None when it is empty.
+
+    Refused in one line: a changed run config (see :func:`check_resumable`), or a checkpoint that
+    already ends the run's last round.
+    """
+    if not resume_from:
+        return None
+    ckpt = load_checkpoint(resume_from)
+    check_resumable(ckpt.meta["run-config"], run_config)
+    rounds = run_config["num-server-rounds"]
+    if ckpt.server_round >= rounds:
+        raise AtlasError(
+            f"resume-from: the checkpoint already ends round {ckpt.server_round}, and num-server-rounds = "
+            f"{rounds}: raise num-server-rounds to train further"
+        )
+    return ckpt

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from atlas_flwr.checkpoint import check_resumable, load_checkpoint
+from atlas_flwr.checkpoint import checkpoint_to_resume
 from atlas_flwr.config import Config
 from atlas_flwr.data import load_split
 from atlas_flwr.errors import ConfigError
@@ -21,8 +21,7 @@ def preflight(cfg: Config) -> None:
         raise ConfigError("lr-schedule", cfg.lr_schedule, "constant with split learning (its halves keep AdamW state)")
     if cfg.split != "none" and cfg.precision != "fp32":
         raise ConfigError("precision", cfg.precision, "fp32 with split learning (activations travel in fp32)")
-    if cfg.resume_from:
-        check_resumable(load_checkpoint(cfg.resume_from).meta["run-config"], cfg.to_dict())
+    checkpoint_to_resume(cfg.resume_from, cfg.to_dict())
     resolve_model(cfg.model)
     data_dir = cfg.resolved_data_dir()
     if data_dir:

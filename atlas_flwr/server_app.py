@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from atlas_flwr.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from atlas_flwr.checkpoint import Checkpoint, checkpoint_to_resume, save_checkpoint
 from atlas_flwr.codec import decode_update, held_by_client, to_wire_record
 from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
@@ -497,14 +497,8 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     """
     started = time.perf_counter()
     preflight(cfg)
-    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    ckpt = checkpoint_to_resume(cfg.resume_from, cfg.to_dict())
     if ckpt is not None:
-        check_resumable(ckpt.meta["run-config"], cfg.to_dict())
-        if ckpt.server_round >= cfg.num_server_rounds:
-            raise AtlasError(
-                f"resume-from: the checkpoint already ends round {ckpt.server_round}, and num-server-rounds = "
-                f"{cfg.num_server_rounds}: raise num-server-rounds to train further"
-            )
         run_dir = ckpt.run_dir
     else:
         run_dir = new_run_dir(cfg.resolved_output_dir(), cfg.run_name or default_run_name(cfg.strategy, cfg.seed))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU protocol (configs/protocol.toml) for every method, through `flwr run` (atlas-run).
 # Results: benchmarks/results/protocol/<label>/ ; table: python benchmarks/protocol_table.py
-# Usage: benchmarks/protocol.sh [label ...]   (default: all labels below)
+# Usage: [SEED=43] benchmarks/protocol.sh [label ...]   (default: all labels below, seed 42)
+# A seed other than 42 writes to <label>-s<seed>/.
 # A label is a method, or a method with one switch changed (exact vs zero-pad vs factor-avg aggregation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +26,13 @@ labels=("$@")
 for label in "${labels[@]}"; do
   [ -v "extra[$label]" ] || { echo "unknown label $label: expected one of ${order[*]}" >&2; exit 2; }
   method=${label%%+*}
-  sets=(--set "strategy=\"$method\"" --set "output-dir=\"$out\"" --set "run-name=\"$label\"")
+  seed=${SEED:-42}
+  name=$label
+  [ "$seed" = 42 ] || name="$label-s$seed"
+  sets=(--set "strategy=\"$method\"" --set "output-dir=\"$out\"" --set "run-name=\"$name\"" --set "seed=$seed")
   [ -z "${extra[$label]}" ] || sets+=(--set "${extra[$label]}")
-  rm -rf "${out:?}/$label"
+  rm -rf "${out:?}/$name"
   start=$(date +%s)
   atlas-run configs/protocol.toml "${sets[@]}"
-  echo "$label: $(( $(date +%s) - start )) s end to end (atlas-run)" | tee "$out/$label/wall-clock.txt"
+  echo "$name: $(( $(date +%s) - start )) s end to end (atlas-run)" | tee "$out/$name/wall-clock.txt"
 done

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from safetensors.numpy import save_file
 
-from atlas_flwr.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from atlas_flwr.checkpoint import checkpoint_to_resume, save_checkpoint
 from atlas_flwr.codec import State, from_wire_record, to_wire_record
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
@@ -200,14 +200,8 @@ def save_model(path: Path, arrays: ArrayRecord, metadata: dict[str, str]) -> Non
 def run_eurosat(grid: Grid, cfg: Config) -> Path:
     """FedAvg on EuroSAT for ``num-server-rounds`` rounds (or until the time limit); returns the run directory."""
     started = time.perf_counter()
-    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    ckpt = checkpoint_to_resume(cfg.resume_from, cfg.to_dict())
     if ckpt is not None:
-        check_resumable(ckpt.meta["run-config"], cfg.to_dict())
-        if ckpt.server_round >= cfg.num_server_rounds:
-            raise AtlasError(
-                f"resume-from: the checkpoint already ends round {ckpt.server_round}, and num-server-rounds = "
-                f"{cfg.num_server_rounds}: raise num-server-rounds to train further"
-            )
         run_dir = ckpt.run_dir
     else:
         run_dir = new_run_dir(
