@@ -21,6 +21,7 @@ from atlas_flwr.eurosat.model import build_model, exchanged_state, load_exchange
 from atlas_flwr.eurosat.server import MODEL_FILE, run_eurosat
 from atlas_flwr.identity import client_identity
 from atlas_flwr.local_grid import LocalGrid
+from tests.test_fault_tolerance import CrashingGrid
 
 
 @pytest.fixture()
@@ -103,28 +104,12 @@ def test_eurosat_clients_must_match_the_population(eurosat_config: dict) -> None
         client_identity(context)
 
 
-class _CrashAtTrain(LocalGrid):
-    """Dies like a killed server when the ``crash_at``-th round of train messages is pushed."""
-
-    def __init__(self, *args, crash_at: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.crash_at, self.rounds = crash_at, 0
-
-    def push_messages(self, messages):
-        messages = list(messages)
-        if messages and messages[0].metadata.message_type == "train":
-            self.rounds += 1
-            if self.rounds == self.crash_at:
-                raise SystemExit("simulated crash")
-        return super().push_messages(messages)
-
-
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(eurosat_config: dict) -> None:
     values = {**eurosat_config, "num-server-rounds": 3, "lr-schedule": "cosine"}
     whole = _run({**values, "run-name": "whole"})
     cfg = Config.from_run_config(values)
     with pytest.raises(SystemExit):
-        run_eurosat(_CrashAtTrain(client_app, values, cfg.num_clients, crash_at=3), replace(cfg, run_name="crashed"))
+        run_eurosat(CrashingGrid(client_app, values, cfg.num_clients, crash_at=3), replace(cfg, run_name="crashed"))
     crashed = Path(values["output-dir"]) / "crashed"
     assert json.loads((crashed / "checkpoint" / "state.json").read_text())["round"] == 2
     resumed = _run({**values, "resume-from": str(crashed)})
