@@ -4,7 +4,7 @@ A checkpoint is ``<run dir>/checkpoint/``:
 
 - ``round-NNNN.safetensors``: every client's adapter and head (``adapter/<client>/<key>``,
   ``head/<client>/<key>``), the server's RNG states (``rng/numpy``, ``rng/torch``) and any other
-  server tensors (``extra/...``: the AdamW state of split learning's server halves);
+  server tensors (``extra/...``, for a workload that needs more than adapters and heads);
 - ``state.json``: the round, the run config, groups, adjacency, rank plan, the metrics so far, and the
   name and SHA-256 of the tensor file it belongs to.
 
@@ -77,7 +77,7 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of ``server_round``; return the path of its ``state.json``.
 
-    ``extra`` holds any other server tensors (the split halves' AdamW state), stored as ``extra/<key>``.
+    ``extra`` holds any other server tensors, stored as ``extra/<key>``.
     """
     folder = run_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
-from atlas_flwr.split_server import SplitRun, group_states, merge_bottoms, plan_split, run_split_round
+from atlas_flwr.split_server import SplitClient, plan_split, round_updates, run_split_round, start_round
 from strategies.aggregation import LORA_A_SUFFIX, State
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, predict_peak_bytes
@@ -416,16 +416,21 @@ def _train_federated(
 
 
 def _train_split(
-    grid: Grid, cfg: Config, split: SplitRun, strategy: PersonalizedPipeline, switches: Switches, server_round: int
+    grid: Grid, cfg: Config, split: Sequence[SplitClient], strategy: PersonalizedPipeline, server_round: int
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """One round of split steps; bottoms merged per aggregation group, tops and heads from the server halves."""
-    result = run_split_round(grid, split.groups, split.bottoms, server_round, cfg.seed)
+    """One round of split steps; each client's bottom and top are folded by the strategy like a federated
+    update."""
+    bottoms = start_round(split, {c.client_id: strategy.state_for(c.client_id) for c in split})
+    result = run_split_round(grid, split, bottoms, server_round, cfg.seed)
     t0 = time.perf_counter()
-    split.bottoms.update(merge_bottoms(result, strategy.aggregation_groups(), cfg.lora_alpha, switches.aggregation))
-    for group in split.groups:
-        top, head = group_states(group)
-        for member in group.members:
-            strategy.set_state(member.client_id, {**split.bottoms[member.client_id], **top}, head)
+    updates = round_updates(split, result)
+    needed = min(cfg.min_clients, len(split))
+    if len(updates) < needed:
+        raise AtlasError(
+            f"round {server_round}: {len(updates)} clients finished split training of {len(split)}, fewer than "
+            f"min-clients = {cfg.min_clients}; see the warnings above"
+        )
+    metrics = strategy.aggregate_train(updates)
     b = result.bytes
     io = {
         "bytes-sent": b.get("adapters-down", 0.0) + b.get("gradients-down", 0.0),
@@ -442,8 +447,7 @@ def _train_split(
         "split-overhead-seconds": result.seconds["exchange"] - result.seconds["client-compute"],
         "aggregate-seconds": time.perf_counter() - t0,
     }
-    total = sum(result.num_examples.values())
-    return {"train-loss": result.loss, "num-examples": float(total)}, io, extra
+    return metrics, io, extra
 
 
 @dataclass(frozen=True)
@@ -549,22 +553,16 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     if cfg.split != "none":
         if switches.ranks == "budget":
             raise AtlasError("split learning sets the cut from the memory budget: use ranks = uniform with split")
-        heads = [strategy.head_key(c.client_id) for c in clients]
-        split = plan_split(cfg, clients, heads, {c.client_id: strategy.state_for(c.client_id) for c in clients})
-        if ckpt is not None:
-            for index, group in enumerate(split.groups):
-                prefix = f"split-{index}/"
-                group.server.load_optimizer_state(
-                    {k[len(prefix) :]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
-                )
-        writer.write_table("split", split.choices)
-        for row in split.choices:
+        split, choices = plan_split(cfg, clients, {c.client_id: strategy.state_for(c.client_id) for c in clients})
+        writer.write_table("split", choices)
+        for row in choices:
             log(
                 INFO,
-                "client %d: split at block %d (its budget allows %d)",
+                "client %d: split at block %d, predicted client peak %.0f MB of %.0f MB",
                 row["client-id"],
-                row["group-cut"],
                 row["cut"],
+                row["client-predicted-bytes"] / 1e6,
+                row["memory-budget-bytes"] / 1e6,
             )
     plan_seconds = time.perf_counter() - t_plan
 
@@ -586,7 +584,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         if split is None:
             train_metrics, train_io, extra = _train_federated(grid, cfg, clients, strategy, server_round, last_train)
         else:
-            train_metrics, train_io, extra = _train_split(grid, cfg, split, strategy, switches, server_round)
+            train_metrics, train_io, extra = _train_split(grid, cfg, split, strategy, server_round)
         t1 = time.perf_counter()
         shared = evaluation_groups(clients, strategy)
         ok_eval, eval_io = _send(
@@ -609,11 +607,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         }
         writer.add_round(row)
         meta = _checkpoint_meta(cfg, plan, evals, last_train, writer, plan_seconds)
-        server_tensors = {}
-        if split is not None:  # the server halves' AdamW moments carry over to the next round
-            for index, group in enumerate(split.groups):
-                server_tensors |= {f"split-{index}/{k}": v for k, v in group.server.optimizer_state().items()}
-        save_checkpoint(run_dir, server_round, strategy.adapters, strategy.heads, meta, server_tensors)
+        save_checkpoint(run_dir, server_round, strategy.adapters, strategy.heads, meta)
         log(INFO, "%s", _round_line(server_round, cfg.num_server_rounds, row, cfg.tasks))
         longest_round = max(longest_round, t3 - t0)
         # Between rounds: stop when the next round, if as long as the longest so far, would end past the limit.

@@ -46,22 +46,17 @@ _WORKERS: dict[tuple[int, int], _Worker] = {}  # (run id, node id) -> worker cac
 
 @lru_cache(maxsize=64)
 def batch_plan(cfg: Config, client_id: int, server_round: int) -> tuple[tuple[int, ...], ...]:
-    """The row indices of every step of a round: ``local-epochs`` seeded passes in ``batch-size`` batches."""
-    from atlas_flwr.data import make_loader
+    """The row indices of every step of a round: the batches a federated client of this round trains on."""
+    from atlas_flwr.data.tokenize import index_loader
 
-    data = client_data(cfg, client_id)
-    steps: list[tuple[int, ...]] = []
-    for epoch in range(cfg.local_epochs):
-        loader = make_loader(
-            data.train,
-            load_tokenizer(cfg.model),
-            cfg.batch_size,
-            shuffle=True,
-            seed=seed_for(cfg.seed, client_id, server_round, epoch),
-            group_by_length=cfg.group_by_length,
-        )
-        steps += [tuple(int(i) for i in batch) for batch in loader.batch_sampler]
-    return tuple(steps)
+    loader = index_loader(
+        client_data(cfg, client_id).train,
+        cfg.batch_size,
+        shuffle=True,
+        seed=seed_for(cfg.seed, client_id, server_round),
+        group_by_length=cfg.group_by_length,
+    )
+    return tuple(tuple(int(i) for i in batch) for _ in range(cfg.local_epochs) for batch in loader)
 
 
 def batch_at(cfg: Config, client_id: int, server_round: int, step: int) -> dict[str, torch.Tensor]:

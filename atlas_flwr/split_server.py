@@ -1,19 +1,26 @@
 """The server's side of split learning: one round of SplitLoRA steps over real Flower messages.
 
-Every group (a learned cluster, a task, or all clients) has one server half: blocks [cut, L),
-their LoRA and the group's head. In each step the server sends every client still training a
+The server holds one half per client during a round (SplitFed-V1): blocks [cut, L), their LoRA
+and the head, started from the client's state with fresh AdamW moments, as a federated client
+starts its local training. In each step the server sends every client still training a
 ``train.split`` message with the gradient of its previous activations, and receives the next
-activations, mask and labels; it runs the top's forward and backward on them, client by client
-in client-id order (so the result does not depend on arrival order). At the end of a round the
-clients' bottom adapters are aggregated inside the group (exact ΔW aggregation) and the next
-round starts from the merged bottom and the server's top.
+activations, mask and labels; it runs that client's top forward and backward on them, in
+client-id order (so the result does not depend on arrival order). At the end of a round each
+client's bottom (sent back) and top (held here) form one adapter, and the run's strategy folds
+them exactly as it folds federated updates: the same aggregation, Laplacian and per-group heads.
+Between rounds the server thus keeps one top per cluster or task, and one head per head group.
+
+Why not one shared top per group that steps on every member's batch in turn: it takes as many
+steps per round as the group has members, and on the CPU protocol it cost SST-2 3.6 points
+against the same run without split; per-client halves make the split run the same computation as
+the federated one, with the model cut in two.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -32,7 +39,7 @@ from atlas_flwr.records import from_record, to_record
 from atlas_flwr.split_train import ServerSide
 from atlas_flwr.train import seed_for
 from strategies.aggregation import State
-from strategies.pipeline import ClientInfo, aggregate_group
+from strategies.pipeline import ClientInfo, Update
 
 
 def split_adapter(adapter: State, cut: int) -> tuple[State, State]:
@@ -43,12 +50,16 @@ def split_adapter(adapter: State, cut: int) -> tuple[State, State]:
 
 
 @dataclass
-class SplitGroup:
-    """One group's server half and its members."""
+class SplitClient:
+    """A client in split training: where its model is cut, and its server half."""
 
+    info: ClientInfo
     cut: int
     server: ServerSide
-    members: list[ClientInfo]
+
+    @property
+    def client_id(self) -> int:
+        return self.info.client_id
 
 
 @dataclass
@@ -57,6 +68,7 @@ class SplitRoundResult:
 
     bottoms: dict[int, State]
     num_examples: dict[int, int]
+    losses: dict[int, float]
     loss: float
     steps: int
     bytes: dict[str, float] = field(default_factory=dict)
@@ -74,34 +86,30 @@ def _record_bytes(message: Message, names: Sequence[str]) -> dict[str, int]:
 
 
 def run_split_round(
-    grid: Grid, groups: Sequence[SplitGroup], bottoms: dict[int, State], server_round: int, seed: int
+    grid: Grid, clients: Sequence[SplitClient], bottoms: dict[int, State], server_round: int, seed: int
 ) -> SplitRoundResult:
-    """Run every client's steps of one round; return their final bottoms (not yet aggregated)."""
-    group_of = {c.client_id: g for g in groups for c in g.members}
-    clients = sorted((c for g in groups for c in g.members), key=lambda c: c.client_id)
+    """Run every client's steps of one round; return their final bottoms (their tops stay in their halves)."""
+    clients = sorted(clients, key=lambda c: c.client_id)
     grads: dict[int, np.ndarray] = {}
     finals: dict[int, State] = {}
     examples: dict[int, int] = {}
     traffic: dict[str, float] = defaultdict(float)
     active = list(clients)
-    losses, steps, failures = [], 0, 0
+    losses: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    steps, failures = 0, 0
     exchange_s = server_s = client_s = 0.0
     while active:
         messages = []
         for client in active:
             content = RecordDict(
-                {
-                    "config": ConfigRecord(
-                        {"server-round": server_round, "step": steps, "cut": group_of[client.client_id].cut}
-                    )
-                }
+                {"config": ConfigRecord({"server-round": server_round, "step": steps, "cut": client.cut})}
             )
             if steps == 0:
                 content["bottom"] = to_record(bottoms[client.client_id])
             if client.client_id in grads:
                 content["grad"] = to_record({"grad": grads.pop(client.client_id)})
             message = Message(
-                content, dst_node_id=client.node_id, message_type="train.split", group_id=str(server_round)
+                content, dst_node_id=client.info.node_id, message_type="train.split", group_id=str(server_round)
             )
             for name, size in _record_bytes(message, ("bottom", "grad")).items():
                 traffic[{"bottom": "adapters-down", "grad": "gradients-down"}[name]] += size
@@ -134,15 +142,14 @@ def run_split_round(
                 traffic[{"activations": "activations-up", "bottom": "adapters-up"}[name]] += size
             if "activations" in records:
                 arrays = from_record(records["activations"])
-                group = group_of[client.client_id]
-                grad, loss = group.server.step(
+                grad, loss = client.server.step(
                     torch.from_numpy(arrays["activations"].copy()),
                     torch.from_numpy(arrays["attention-mask"].copy()),
                     torch.from_numpy(arrays["labels"].copy()),
                     seed=seed_for(seed, client.client_id, server_round, steps, 1),
                 )
                 grads[client.client_id] = grad.numpy()
-                losses.append((loss, len(arrays["labels"])))
+                losses[client.client_id].append((loss, len(arrays["labels"])))
                 still.append(client)
             elif "bottom" in records:
                 finals[client.client_id] = from_record(records["bottom"])
@@ -156,11 +163,15 @@ def run_split_round(
         steps += 1
     if not finals:
         raise AtlasError(f"round {server_round}: every client failed in split training; see the warnings above")
-    seen = sum(n for _, n in losses)
+    per_client = {
+        cid: sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs) for cid, pairs in losses.items() if pairs
+    }
+    seen = sum(n for pairs in losses.values() for _, n in pairs)
     return SplitRoundResult(
         bottoms=finals,
         num_examples=examples,
-        loss=sum(loss * n for loss, n in losses) / seen if seen else float("nan"),
+        losses=per_client,
+        loss=sum(loss * n for pairs in losses.values() for loss, n in pairs) / seen if seen else float("nan"),
         steps=steps,
         bytes=dict(traffic),
         failures=failures,
@@ -168,62 +179,61 @@ def run_split_round(
     )
 
 
-def merge_bottoms(
-    result: SplitRoundResult, groups: Mapping[int, Sequence[int]], alpha: float, method: str = "exact"
-) -> dict[int, State]:
-    """Aggregate the bottoms inside each aggregation group (client ids); ``none`` keeps each client's own.
+def round_updates(clients: Sequence[SplitClient], result: SplitRoundResult) -> list[Update]:
+    """Each finished client's whole adapter (its bottom and its half's top) and head, as a federated update."""
+    from atlas_flwr.models.classifier import adapter_state, head_state
+    from atlas_flwr.records import to_numpy
 
-    Each client gets the aggregate at its own modules and ranks; a client without a result this round
-    gets nothing here (the caller keeps its previous bottom).
-    """
-    if method == "none":
-        return dict(result.bottoms)
-    merged: dict[int, State] = {}
-    for members in groups.values():
-        ids = sorted(i for i in members if i in result.bottoms)
-        if ids:
-            states = aggregate_group(
-                [result.bottoms[i] for i in ids], [result.num_examples[i] for i in ids], alpha, method
+    updates = []
+    for client in sorted(clients, key=lambda c: c.client_id):
+        cid = client.client_id
+        if cid not in result.bottoms:
+            continue
+        model = client.server.split.model
+        top = split_adapter(to_numpy(adapter_state(model)), client.cut)[1]
+        updates.append(
+            Update(
+                cid,
+                {**result.bottoms[cid], **top},
+                to_numpy(head_state(model)),
+                result.num_examples[cid],
+                {"train-loss": result.losses.get(cid, float("nan"))},
             )
-            merged.update(zip(ids, states, strict=True))
-    return merged
+        )
+    return updates
+
+
+def start_round(clients: Sequence[SplitClient], states: Mapping[int, tuple[State, State]]) -> dict[int, State]:
+    """Restart every half from its client's adapter top and head; return the bottoms to send."""
+    bottoms = {}
+    for client in clients:
+        adapter, head = states[client.client_id]
+        bottom, top = split_adapter(adapter, client.cut)
+        client.server.restart(top, head)
+        bottoms[client.client_id] = bottom
+    return bottoms
 
 
 def server_half(
     model: torch.nn.Module, family: str, cut: int, lr: float, head_lr: float, weight_decay: float
 ) -> ServerSide:
-    """A group's server half: the top of ``model`` from ``cut``."""
+    """A server half: the top of ``model`` from ``cut``."""
     return ServerSide(SplitClassifier(model, family, cut), lr=lr, head_lr=head_lr, weight_decay=weight_decay)
 
 
-@dataclass
-class SplitRun:
-    """The split-learning state of a run: server halves, each client's bottom, and the cut choices."""
-
-    groups: list[SplitGroup]
-    bottoms: dict[int, State]
-    choices: list[dict]
-
-
 def plan_split(
-    cfg: Config,
-    clients: Sequence[ClientInfo],
-    head_groups: Sequence[Hashable],
-    states: Mapping[int, tuple[State, State]],
-) -> SplitRun:
-    """Choose each client's cut (``split = auto``: the deepest that fits its memory; or the given block), and
-    build one server half per head group (a group's cut is its members' smallest, so every member fits).
-
-    ``states`` holds each client's adapter and head: at the start of a run they are all the initial state;
-    on resume they are the checkpoint's, whose group members share their top and head.
-    """
+    cfg: Config, clients: Sequence[ClientInfo], states: Mapping[int, tuple[State, State]]
+) -> tuple[list[SplitClient], list[dict]]:
+    """Choose each client's cut (``split = auto``: the deepest that fits its memory; or the given block) and
+    build its server half; return them with one row per client for the run's ``split`` table."""
     from atlas_flwr.local import loaded_model, model_shape, train_shape
     from atlas_flwr.models.registry import resolve_model
     from strategies.memory import Calibration, choose_split, split_client_peak_bytes
 
     shape, step = model_shape(cfg), train_shape(cfg)
     ranks = [cfg.lora_rank] * shape.num_layers
-    choices = []
+    family = resolve_model(cfg.model).family
+    planned, choices = [], []
     for client in clients:
         calibration = Calibration.for_device(client.device)
         try:
@@ -234,29 +244,16 @@ def plan_split(
                 parts = split_client_peak_bytes(shape, step, ranks, cut, calibration=calibration)
         except ValueError as err:
             raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
-        choices.append({"client-id": client.client_id, "cut": cut, "client-predicted-bytes": parts["total"]})
-    members: dict[Hashable, list[int]] = defaultdict(list)
-    for i, key in enumerate(head_groups):
-        members[key].append(i)
-    family = resolve_model(cfg.model).family
-    groups, bottoms = [], {}
-    for indices in members.values():
-        cut = min(choices[i]["cut"] for i in indices)
-        first = clients[indices[0]]
-        _, top = split_adapter(states[first.client_id][0], cut)
-        model = loaded_model(cfg, first.task, top, states[first.client_id][1])
+        adapter, head = states[client.client_id]
+        model = loaded_model(cfg, client.task, split_adapter(adapter, cut)[1], head)
         server = server_half(model, family, cut, cfg.lr, cfg.head_lr, cfg.weight_decay)
-        groups.append(SplitGroup(cut, server, [clients[i] for i in indices]))
-        for i in indices:
-            choices[i]["group-cut"] = cut
-            bottoms[clients[i].client_id] = split_adapter(states[clients[i].client_id][0], cut)[0]
-    return SplitRun(groups, bottoms, choices)
-
-
-def group_states(group: SplitGroup) -> tuple[State, State]:
-    """The top adapter (blocks >= cut) and the head the group's server half holds now."""
-    from atlas_flwr.models.classifier import adapter_state, head_state
-    from atlas_flwr.records import to_numpy
-
-    model = group.server.split.model
-    return to_numpy(adapter_state(model)), to_numpy(head_state(model))
+        planned.append(SplitClient(client, cut, server))
+        choices.append(
+            {
+                "client-id": client.client_id,
+                "cut": cut,
+                "client-predicted-bytes": parts["total"],
+                "memory-budget-bytes": client.memory_bytes,
+            }
+        )
+    return planned, choices

@@ -94,19 +94,33 @@ class ClientSide(_AdamWSide):
 
 
 class ServerSide(_AdamWSide):
-    """The server's half: blocks [cut, L), their LoRA and the task head, with their AdamW."""
+    """The server's half for one client: blocks [cut, L), their LoRA and the task head, with their AdamW."""
 
     def __init__(self, split: SplitClassifier, *, lr: float, head_lr: float, weight_decay: float) -> None:
         self.split = split
-        names = {id(p): n for n, p in split.model.named_parameters()}
-        params = split.parameters("server")
+        self.lr, self.head_lr, self.weight_decay = lr, head_lr, weight_decay
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+        self._new_optimizer()
+
+    def _new_optimizer(self) -> None:
+        names = {id(p): n for n, p in self.split.model.named_parameters()}
+        params = self.split.parameters("server")
         groups = [
-            {"params": [p for p in params if not names[id(p)].startswith("head.")], "lr": lr},
-            {"params": [p for p in params if names[id(p)].startswith("head.")], "lr": head_lr},
+            {"params": [p for p in params if not names[id(p)].startswith("head.")], "lr": self.lr},
+            {"params": [p for p in params if names[id(p)].startswith("head.")], "lr": self.head_lr},
         ]
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
-        self.loss_fn = torch.nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.weight_decay)
+
+    def restart(self, top: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> None:
+        """Start a round from ``top`` (the adapter of blocks >= cut) and ``head``, with fresh AdamW moments,
+        as a federated client starts its local training."""
+        from atlas_flwr.models.classifier import load_adapter_state, load_head_state
+        from atlas_flwr.records import to_torch
+
+        load_adapter_state(self.split.model, to_torch(dict(top)))
+        load_head_state(self.split.model, to_torch(dict(head)))
+        self._new_optimizer()
 
     def step(
         self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, seed: int

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+
+# Not tqdm.auto: its asyncio class calls iter() on the loader twice, and each call draws from the seeded
+# generator, so the batches would differ from the loader's own order (which split learning replays).
+from tqdm import tqdm
 
 from atlas_flwr.errors import AtlasError
 

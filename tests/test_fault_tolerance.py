@@ -117,14 +117,15 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny: dict) -> None
     assert summary["resumed-after-round"] == 2 and summary["rounds"] == 3
 
 
-def test_a_split_learning_run_resumes_exactly_with_the_server_halves_adamw_state(tiny: dict) -> None:
+def test_a_split_learning_run_resumes_exactly(tiny: dict) -> None:
     values = {**tiny, "split": "1", "num-server-rounds": 2, "tasks": "sst2", "max-samples-per-client": 16}
     whole = _run({**values, "run-name": "split-whole"})
     with pytest.raises(SystemExit):
         _run({**values, "run-name": "split-crashed"}, CrashingGrid, crash_at=2)
     crashed = Path(tiny["output-dir"]) / "split-crashed"
     ckpt = load_checkpoint(crashed)
-    assert ckpt.server_round == 1 and any(k.startswith("split-0/") and k.endswith("exp_avg") for k in ckpt.extra)
+    # The server halves restart every round from the clients' states, so adapters and heads are all it needs.
+    assert ckpt.server_round == 1 and not ckpt.extra
     resumed = _run({**values, "resume-from": str(crashed)})
     assert _untimed(json.loads((crashed / "rounds.json").read_text())) == _untimed(
         json.loads((whole.run_dir / "rounds.json").read_text())

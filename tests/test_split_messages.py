@@ -16,7 +16,7 @@ from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapt
 from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.records import to_numpy, to_torch
 from atlas_flwr.split_client import batch_at, batch_plan, split_step
-from atlas_flwr.split_server import SplitGroup, merge_bottoms, run_split_round, server_half, split_adapter
+from atlas_flwr.split_server import SplitClient, round_updates, run_split_round, server_half, split_adapter
 from atlas_flwr.split_train import ClientSide
 from atlas_flwr.train import seed_for
 from strategies.pipeline import ClientInfo, module_ranks, state_digest
@@ -66,61 +66,70 @@ def _server_and_bottom(cfg: Config):
 
 def _run(cfg_values: dict, forget: bool):
     cfg = Config.from_run_config(cfg_values)
-    bottom, server_model = _server_and_bottom(cfg)
     grid = LocalGrid(_app(forget), cfg_values, cfg.num_clients)
-    clients = [ClientInfo(i, n, "sst2", 20, 0) for i, n in enumerate(sorted(grid.get_node_ids()))]
-    group = SplitGroup(1, server_half(server_model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay), clients)
-    result = run_split_round(grid, [group], {c.client_id: bottom for c in clients}, server_round=1, seed=cfg.seed)
-    return cfg, bottom, server_model, result, grid
+    clients, bottom = [], None
+    for i, node in enumerate(sorted(grid.get_node_ids())):
+        bottom, server_model = _server_and_bottom(cfg)
+        half = server_half(server_model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay)
+        clients.append(SplitClient(ClientInfo(i, node, "sst2", 20, 0), 1, half))
+    result = run_split_round(grid, clients, {c.client_id: bottom for c in clients}, server_round=1, seed=cfg.seed)
+    return cfg, bottom, clients, result, grid
 
 
 def test_message_rounds_match_direct_steps_with_and_without_worker_cache(cfg_values: dict) -> None:
-    cfg, bottom, server_model, cached, grid = _run(cfg_values, forget=False)
-    _, _, server_model_2, fresh, _ = _run(cfg_values, forget=True)
+    cfg, bottom, clients, cached, grid = _run(cfg_values, forget=False)
+    _, _, clients_2, fresh, _ = _run(cfg_values, forget=True)
     assert cached.steps == len(batch_plan(cfg, 0, 1)) + 1 == 4  # 20 rows in batches of 8, then the final reply
     assert grid.messages_seen.count("train.split") == 2 * 4
     for cid in (0, 1):
         for key, value in cached.bottoms[cid].items():
             torch.testing.assert_close(torch.from_numpy(fresh.bottoms[cid][key]), torch.from_numpy(value))
-    for a, b in zip(server_model.parameters(), server_model_2.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+        for a, b in zip(
+            clients[cid].server.split.model.parameters(), clients_2[cid].server.split.model.parameters(), strict=True
+        ):
+            torch.testing.assert_close(a, b)
 
-    # The same steps run directly: client 0 then client 1 at each step, as the server orders them.
-    _, model = _server_and_bottom(cfg)
-    direct_server = server_half(model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay)
-    sides = {}
+    # The same steps run directly: each client with its own server half, as a federated client trains alone.
     for cid in (0, 1):
+        _, model = _server_and_bottom(cfg)
+        direct_server = server_half(model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay)
         m = new_model(
             cfg, "sst2", LoraSettings.from_module_ranks(module_ranks(bottom), cfg.lora_alpha, cfg.lora_dropout)
         )
         load_adapter_state(m, to_torch(bottom))
-        sides[cid] = ClientSide(SplitClassifier(m, "bert", 1), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for step in range(3):
-        for cid in (0, 1):
+        side = ClientSide(SplitClassifier(m, "bert", 1), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for step in range(3):
             batch = batch_at(cfg, cid, 1, step)
-            acts = sides[cid].forward(batch, seed_for(cfg.seed, cid, 1, step))
+            acts = side.forward(batch, seed_for(cfg.seed, cid, 1, step))
             grad, _ = direct_server.step(
                 acts, batch["attention_mask"], batch["labels"], seed_for(cfg.seed, cid, 1, step, 1)
             )
-            sides[cid].backward(grad)
-    for cid in (0, 1):
-        direct = to_numpy(adapter_state(sides[cid].split.model))
+            side.backward(grad)
+        direct = to_numpy(adapter_state(side.split.model))
         for key, value in direct.items():
             torch.testing.assert_close(torch.from_numpy(cached.bottoms[cid][key]), torch.from_numpy(value))
-    for a, b in zip(server_model.parameters(), model.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+        for a, b in zip(clients[cid].server.split.model.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+    # The two clients' halves saw different batches: their tops differ.
+    tops = [to_numpy(adapter_state(c.server.split.model)) for c in clients]
+    assert state_digest(tops[0]) != state_digest(tops[1])
 
 
-def test_bytes_are_counted_by_kind_and_bottoms_merge_exactly(cfg_values: dict) -> None:
-    cfg, bottom, _, result, _ = _run(cfg_values, forget=False)
+def test_bytes_are_counted_by_kind_and_updates_join_bottom_and_top(cfg_values: dict) -> None:
+    _, bottom, clients, result, _ = _run(cfg_values, forget=False)
     assert set(result.bytes) == {"adapters-down", "adapters-up", "activations-up", "gradients-down"}
     # Activations and their gradients have the same shapes: the same bytes up as down (headers aside).
     assert result.bytes["activations-up"] > result.bytes["gradients-down"] > 0
     assert result.num_examples == {0: 20, 1: 20}
-    merged = merge_bottoms(result, {0: [0, 1]}, cfg.lora_alpha)
-    assert state_digest(merged[0]) == state_digest(merged[1]) != state_digest(result.bottoms[0])
-    assert set(merged[0]) == set(bottom)
-    assert merge_bottoms(result, {0: [0, 1]}, cfg.lora_alpha, "none") == result.bottoms
+    assert set(result.losses) == {0, 1} and all(np.isfinite(v) for v in result.losses.values())
+    updates = round_updates(clients, result)
+    assert [u.client_id for u in updates] == [0, 1]
+    for u, client in zip(updates, clients, strict=True):
+        top = to_numpy(adapter_state(client.server.split.model))
+        assert set(u.adapter) == set(bottom) | set(top)  # the whole adapter, as a federated client sends it
+        assert all(np.array_equal(u.adapter[k], v) for k, v in result.bottoms[u.client_id].items())
+        assert all(np.array_equal(u.adapter[k], v) for k, v in top.items())
+        assert u.num_examples == 20 and u.metrics["train-loss"] == result.losses[u.client_id]
 
 
 def test_split_run_end_to_end_in_the_round_loop(cfg_values: dict) -> None:
@@ -136,19 +145,19 @@ def test_split_run_end_to_end_in_the_round_loop(cfg_values: dict) -> None:
     outcome = run_federation(grid, cfg)
     rounds = json.loads((outcome.run_dir / "rounds.json").read_text())
     choices = json.loads((outcome.run_dir / "split.json").read_text())
-    assert [c["group-cut"] for c in choices] == [1, 1, 1, 1]  # a 2-block model: the only cut
+    assert [c["cut"] for c in choices] == [1, 1, 1, 1]  # a 2-block model: the only cut
     assert grid.messages_seen.count("train") == 0 and grid.messages_seen.count("train.split") == 2 * 4 * 4
     for r in rounds:
         assert r["split-activations-up-bytes"] > 0 and r["split-gradients-down-bytes"] > 0
         assert r["bytes-received"] >= r["split-activations-up-bytes"] + r["split-adapters-up-bytes"]
-    # FedAvg: one bottom for all, a top and head per task; both moved from the start.
+    # FedAvg, as without split: one adapter (bottom and top) for all, one head per task; both moved.
     states = [outcome.strategy.state_for(i) for i in range(4)]
     bottom_key = next(k for k in states[0][0] if ".layer.0." in k and "lora_B" in k)
     top_key = next(k for k in states[0][0] if ".layer.1." in k and "lora_B" in k)
-    assert all(np.array_equal(s[0][bottom_key], states[0][0][bottom_key]) for s in states)
-    assert np.array_equal(states[0][0][top_key], states[1][0][top_key])
-    assert not np.array_equal(states[0][0][top_key], states[2][0][top_key])
-    assert np.abs(states[0][0][bottom_key]).sum() > 0 and np.abs(states[0][0][top_key]).sum() > 0
+    for key in (bottom_key, top_key):
+        assert all(np.array_equal(s[0][key], states[0][0][key]) for s in states)
+        assert np.abs(states[0][0][key]).sum() > 0
+    assert state_digest(states[0][1]) == state_digest(states[1][1]) != state_digest(states[2][1])
 
 
 def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
@@ -162,3 +171,36 @@ def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
         AtlasError, match=r"client 0 \(1MB\): budget 1 MB is below the .* a client needs with one block"
     ):
         run_federation(LocalGrid(client_app, values, cfg.num_clients), cfg)
+
+
+def test_split_rounds_take_the_federated_rounds_steps(
+    cfg_values: dict, tiny_models: dict, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With dropout off, cutting the model changes where each step runs, not what it computes."""
+    from transformers import AutoConfig, AutoModel
+
+    from atlas_flwr.client_app import app as client_app
+    from atlas_flwr.models.classifier import load_tokenizer
+    from atlas_flwr.server_app import run_federation
+
+    config = AutoConfig.from_pretrained(tiny_models["bert"])
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    path = tmp_path / "bert-no-dropout"
+    AutoModel.from_pretrained(tiny_models["bert"], config=config).save_pretrained(path)
+    load_tokenizer(tiny_models["bert"]).save_pretrained(path)
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x)  # the head's dropout
+    values = {**cfg_values, "model": str(path), "lora-dropout": 0.0, "tasks": "sst2,mrpc", "num-server-rounds": 2}
+    values["max-eval-samples"] = 8
+    states = {}
+    for split in ("none", "1"):
+        run = {**values, "split": split, "run-name": f"split-{split}"}
+        cfg = Config.from_run_config(run)
+        outcome = run_federation(LocalGrid(client_app, run, cfg.num_clients), cfg)
+        states[split] = [outcome.strategy.state_for(i) for i in range(cfg.num_clients)]
+    for (adapter, head), (split_adapter_, split_head) in zip(states["none"], states["1"], strict=True):
+        assert set(adapter) == set(split_adapter_)
+        for key in adapter:
+            np.testing.assert_allclose(split_adapter_[key], adapter[key], rtol=1e-4, atol=1e-6)
+        for key in head:
+            np.testing.assert_allclose(split_head[key], head[key], rtol=1e-4, atol=1e-6)
+    assert any(np.abs(a[k]).sum() > 0 for a, _ in states["1"] for k in a if "lora_B" in k)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 import torch
 from torch.utils.data import DataLoader
@@ -42,19 +44,37 @@ def make_loader(
     little: pair tasks train about 1.5x faster on CPU. Batches are padded to their longest row,
     or to ``pad_to`` tokens (static shapes, as some accelerators want; much slower on CPU).
     """
+    return DataLoader(
+        encoded,
+        batch_size=batch_size,
+        collate_fn=collator(tokenizer, pad_to),
+        **_sampling(encoded, batch_size, shuffle, seed, group_by_length),
+    )
+
+
+def index_loader(
+    encoded: datasets.Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, group_by_length: bool = False
+) -> DataLoader:
+    """The row indices of :func:`make_loader`'s batches, batch for batch and epoch for epoch (split learning
+    sends a batch per message, and must take the steps a federated client takes)."""
+    return DataLoader(
+        range(len(encoded)),
+        batch_size=batch_size,
+        collate_fn=list,
+        **_sampling(encoded, batch_size, shuffle, seed, group_by_length),
+    )
+
+
+def _sampling(
+    encoded: datasets.Dataset, batch_size: int, shuffle: bool, seed: int, group_by_length: bool
+) -> dict[str, Any]:
+    # A DataLoader draws from its generator when each pass starts; both loaders must see the same draws.
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if shuffle and group_by_length:
         lengths = [len(ids) for ids in encoded["input_ids"]]
         sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
-    return DataLoader(
-        encoded,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        generator=generator,
-        collate_fn=collator(tokenizer, pad_to),
-    )
+    return {"shuffle": shuffle and sampler is None, "sampler": sampler, "generator": generator}
 
 
 def collator(tokenizer: PreTrainedTokenizerBase, pad_to: int | None = None) -> DataCollatorWithPadding:
