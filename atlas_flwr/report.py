@@ -7,7 +7,9 @@ Writes ``methods.md``/``.csv`` (per-task metrics as mean ± std over seeds, wors
 seconds per round, predicted peak memory), ``paired.md``/``.csv`` (each method against a reference
 method over matched (seed, client) pairs: mean difference and a Wilcoxon signed-rank test), and
 PNG figures: convergence, per-client heatmap, cluster adjacency, rank allocation, and
-communication against accuracy.
+communication against accuracy. With ``--readme FILE`` it also rewrites the marked section of a
+markdown file with a compact table (each task's main metric) and the paired test, so a README's
+results are regenerated from the runs, never typed in.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Any
 import numpy as np
 
 MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "qnli": "accuracy", "rte": "accuracy"}
-#: Switch values that make a run a variant of its strategy's preset.
-SWITCHES = ("clustering", "ranks", "aggregation")
+#: Run-config keys that make a run a variant of its strategy's preset, with their default values.
+SWITCHES = {"clustering": "preset", "ranks": "preset", "aggregation": "preset", "split": "none", "precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,15 @@ class Run:
     ranks: list[dict[str, Any]]
     adjacency: np.ndarray | None
     clusters: dict[str, Any]
+    split: list[dict[str, Any]] = ()  # the cut chosen per client, in split runs
+
+    def over_budget(self) -> int | None:
+        """Clients whose predicted peak exceeds their memory budget (of the split client in split runs)."""
+        if self.split:
+            return sum(0 < c.get("memory-budget-bytes", 0) < c["client-predicted-bytes"] for c in self.split)
+        if self.ranks:
+            return sum(not x["fits-budget"] for x in self.ranks)
+        return None
 
     def client_main(self) -> dict[int, float]:
         """Each client's final main metric (the one of its task)."""
@@ -50,11 +61,11 @@ class Run:
 
 
 def method_label(run_config: dict[str, Any]) -> str:
-    """The strategy, plus every switch set away from its preset (``atlas+aggregation=zero-pad``)."""
+    """The strategy, plus every switch set away from its default (``atlas+aggregation=zero-pad``)."""
     label = str(run_config["strategy"])
-    for key in SWITCHES:
-        value = run_config.get(key, "preset")
-        if value != "preset":
+    for key, default in SWITCHES.items():
+        value = run_config.get(key, default)
+        if value != default:
             label += f"+{key}={value}"
     return label
 
@@ -83,6 +94,7 @@ def load_run(path: Path) -> Run:
         ranks=read("ranks.json", []),
         adjacency=np.array(adjacency["a"]) if adjacency else None,
         clusters=read("clusters.json", {}),
+        split=read("split.json", []),
     )
 
 
@@ -103,13 +115,21 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{arr.mean():.3f} ± {arr.std(ddof=1):.3f}" if len(arr) > 1 else f"{arr.mean():.3f}"
 
 
+def _method_order(label: str) -> tuple[int, str]:
+    # The presets from the simplest to ATLAS, each followed by its variants; unknown strategies last.
+    from strategies.pipeline import PRESETS
+
+    base = label.split("+", 1)[0]
+    return (list(PRESETS).index(base) if base in PRESETS else len(PRESETS), label)
+
+
 def method_table(runs: Sequence[Run]) -> list[dict[str, str]]:
     """One row per method, over its seeds."""
     by_method: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_method[run.method].append(run)
     rows = []
-    for method, group in by_method.items():
+    for method, group in sorted(by_method.items(), key=lambda item: _method_order(item[0])):
         tasks = group[0].tasks
         row = {"method": method, "seeds": str(len(group))}
         for task in tasks:
@@ -122,10 +142,46 @@ def method_table(runs: Sequence[Run]) -> list[dict[str, str]]:
         row["s / round"] = f"{np.mean([np.mean([x['round-seconds'] for x in r.rounds]) for r in group]):.1f}"
         peaks = [max(x["predicted-peak-bytes"] for x in r.ranks) for r in group if r.ranks]
         row["max predicted peak MB"] = f"{max(peaks) / 1e6:.0f}" if peaks else ""
-        over = [sum(not x["fits-budget"] for x in r.ranks) for r in group if r.ranks]
+        over = [n for n in (r.over_budget() for r in group) if n is not None]
         row["clients over budget"] = f"{max(over)}" if over else ""
         rows.append(row)
     return rows
+
+
+def summary_table(runs: Sequence[Run]) -> list[dict[str, str]]:
+    """The README's table: per task only its main metric, then the run-level columns (mean ± std over seeds)."""
+    by_method: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+    rows = []
+    for row in method_table(runs):
+        tasks = [k.split()[0] for k in row if k.endswith(" accuracy")]
+        short = {"method": row["method"], "seeds": row["seeds"], "k / ARI": _clusters(by_method[row["method"]])}
+        short |= {f"{t} {MAIN_METRIC[t]}": row[f"{t} {MAIN_METRIC[t]}"] for t in tasks}
+        keep = ("mean main", "worst client", "MB down / round", "MB up / round", "s / round", "clients over budget")
+        rows.append(short | {k: row[k] for k in keep})
+    return rows
+
+
+def _clusters(group: Sequence[Run]) -> str:
+    # k found per seed, and the worst adjusted Rand index against the declared tasks (1.00: exact).
+    found = [r.clusters for r in group if r.clusters.get("k") is not None]
+    if not found:
+        return ""
+    ks = "/".join(sorted({str(c["k"]) for c in found}))
+    aris = [c["ari-vs-declared-tasks"] for c in found if c.get("ari-vs-declared-tasks") is not None]
+    return f"{ks} / {min(aris):.2f}" if aris else ks
+
+
+def update_section(text: str, name: str, body: str) -> str:
+    """``text`` with the lines between ``<!-- atlas-report:NAME -->`` and ``<!-- /atlas-report:NAME -->``
+    replaced by ``body``; both markers must be there, once each."""
+    begin, end = f"<!-- atlas-report:{name} -->", f"<!-- /atlas-report:{name} -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"expected one {begin} line followed by one {end} line")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body.rstrip()}\n{end}{tail}"
 
 
 def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
@@ -258,6 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or folders of runs")
     parser.add_argument("--out", type=Path, required=True, help="folder for the tables and figures")
     parser.add_argument("--reference", default="fedavg", help="method the others are compared with")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help="also write the summary and paired tables into this markdown file, between its "
+        "<!-- atlas-report:SECTION --> and <!-- /atlas-report:SECTION --> lines",
+    )
+    parser.add_argument("--section", default="results", help="the marker name in --readme (default: results)")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.runs)
@@ -267,6 +330,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"atlas-report: {err}", file=sys.stderr)
         return 2
+    if args.readme is not None:
+        try:
+            text = args.readme.read_text()
+            summary = markdown(summary_table(runs))
+            body = f"{summary}\n{markdown(paired)}" if paired else summary
+            args.readme.write_text(update_section(text, args.section, body))
+        except (OSError, ValueError) as err:
+            print(f"atlas-report: {args.readme}: {err}", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for stem, rows in (("methods", methods), ("paired", paired)):
         (args.out / f"{stem}.md").write_text(markdown(rows))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU protocol (configs/protocol.toml) for every method, through `flwr run` (atlas-run).
-# Results: benchmarks/results/protocol/<label>/ ; table: python benchmarks/protocol_table.py
+# Results: benchmarks/results/protocol/<label>/ ; tables: the atlas-report command in the README
 # Usage: [SEED=43] benchmarks/protocol.sh [label ...]   (default: all labels below, seed 42)
 # A seed other than 42 writes to <label>-s<seed>/.
 # A label is a method, or a method with one switch changed (exact vs zero-pad vs factor-avg aggregation).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,56 @@ def test_reference_choice(tmp_path: Path, reference: str) -> None:
     _write_run(tmp_path / "runs", "fedavg", 1, [0.7, 0.8])
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--reference", reference]) == 0
     assert (tmp_path / "r" / "paired.md").read_text() == ""
+
+
+def test_split_and_precision_runs_are_methods_of_their_own(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _write_run(runs, "fedavg", 1, [0.70, 0.80])
+    _write_run(runs / "s", "fedavg", 1, [0.60, 0.60], {"split": "auto"})
+    # Both split clients fit (ranks.json says one federated client would not); a third would not fit.
+    split = [{"client-id": i, "cut": 1, "client-predicted-bytes": 50e6, "memory-budget-bytes": 60e6} for i in (0, 1)]
+    (runs / "s" / "fedavg-1" / "split.json").write_text(json.dumps(split))
+    _write_run(runs / "p", "fedavg", 1, [0.50, 0.50], {"precision": "int8", "split": "none"})
+    assert main([str(runs), "--out", str(tmp_path / "r")]) == 0
+    methods = (tmp_path / "r" / "methods.md").read_text()
+    for label, mean in (("fedavg", "0.750"), ("fedavg+split=auto", "0.600"), ("fedavg+precision=int8", "0.500")):
+        assert f"| {label} | 1 | " in methods and mean in methods
+    over = {line.split(" | ")[0][2:]: line.rstrip(" |").split(" | ")[-1] for line in methods.splitlines()[2:]}
+    assert over == {"fedavg": "1", "fedavg+split=auto": "0", "fedavg+precision=int8": "1"}
+
+
+def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    _write_run(runs, "fedavg", 1, [0.70, 0.80])
+    _write_run(runs, "atlas", 1, [0.75, 0.81])
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# Title\n\nbefore\n<!-- atlas-report:results -->\nstale table\n<!-- /atlas-report:results -->\nafter\n"
+    )
+    assert main([str(runs), "--out", str(tmp_path / "r"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(
+        "# Title\n\nbefore\n<!-- atlas-report:results -->\n| method | seeds | k / ARI | sst2 accuracy |"
+    )
+    assert text.endswith("<!-- /atlas-report:results -->\nafter\n") and "stale" not in text
+    assert "| atlas | fedavg | 2 | +0.0300 | 2 / 0 / 0 |" in text  # the paired table follows
+    # Idempotent: a second run leaves the file as it is.
+    assert main([str(runs), "--out", str(tmp_path / "r"), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+    readme.write_text("no markers here\n")
+    assert main([str(runs), "--out", str(tmp_path / "r"), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "<!-- atlas-report:results -->" in err
+    assert readme.read_text() == "no markers here\n"  # nothing lost
+
+
+def test_the_readme_results_are_the_committed_runs_report(tmp_path: Path) -> None:
+    """The README's protocol table is atlas-report's output on the committed runs, not typed in."""
+    root = Path(__file__).resolve().parents[1]
+    readme = tmp_path / "README.md"
+    readme.write_text((root / "README.md").read_text())
+    args = [str(root / "benchmarks/results/protocol"), "--out", str(tmp_path / "r"), "--readme", str(readme)]
+    assert main([*args, "--section", "protocol"]) == 0
+    assert readme.read_text() == (root / "README.md").read_text(), (
+        "README is out of date: run the atlas-report command above its protocol table"
+    )
