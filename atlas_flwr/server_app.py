@@ -421,7 +421,7 @@ def _train_split(
     """One round of split steps; each client's bottom and top are folded by the strategy like a federated
     update."""
     bottoms = start_round(split, {c.client_id: strategy.state_for(c.client_id) for c in split})
-    result = run_split_round(grid, split, bottoms, server_round, cfg.seed)
+    result = run_split_round(grid, split, bottoms, server_round)
     t0 = time.perf_counter()
     updates = round_updates(split, result)
     needed = min(cfg.min_clients, len(split))

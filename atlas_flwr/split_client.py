@@ -3,9 +3,11 @@
 A step message may carry the gradient of the previous step's activations (the client applies it)
 and asks for the next batch's activations (the client sends them with the attention mask and the
 labels). The first message of a round carries the bottom adapter; the last one asks for it back.
-Between messages the client keeps its bottom adapter and AdamW state in ``context.state``, because
-the simulation engine does not tie a node to one worker process. A worker that still holds the
-graph of the previous forward uses it; another one recomputes that forward under the same seed.
+Between messages the client keeps its bottom adapter, AdamW state and the random state its last
+forward started from in ``context.state``, because the simulation engine does not tie a node to
+one worker process. A worker that still holds the graph of the previous forward uses it; another
+one recomputes that forward from the same random state. Each step's random state travels with the
+activations and the gradient (5 KB), so dropout draws what a federated client's would.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ from atlas_flwr.split_train import ClientSide
 from atlas_flwr.train import seed_for
 from strategies.pipeline import module_ranks
 
-STATE_ADAPTER, STATE_OPTIMIZER = "split-bottom", "split-optimizer"
+STATE_ADAPTER, STATE_OPTIMIZER, STATE_RNG = "split-bottom", "split-optimizer", "split-rng"
+
+
+def seed_state(seed: int) -> torch.Tensor:
+    """The CPU generator state ``torch.manual_seed(seed)`` sets (a federated client's state when it starts)."""
+    return torch.Generator().manual_seed(seed).get_state()
 
 
 @dataclass
@@ -96,23 +103,33 @@ def split_step(message: Message, context: Context, cfg: Config, client_id: int) 
         client = _new_client(cfg, data.task, from_record(context.state.array_records[STATE_ADAPTER]), cut)
         client.load_optimizer_state(from_record(context.state.array_records[STATE_OPTIMIZER]))
         worker = _Worker(server_round, step, client)
-    if "grad" in message.content.array_records:
-        grad = torch.from_numpy(from_record(message.content.array_records["grad"])["grad"].copy())
+    records = message.content.array_records
+    # Dropout draws continue from where the server's top left them (the first step: the federated seed).
+    rng = seed_state(seed_for(cfg.seed, client_id, server_round))
+    if "grad" in records:
+        received = from_record(records["grad"])
         previous = step - 1
         worker.client.backward(
-            grad,
+            torch.from_numpy(received["grad"].copy()),
             batch_at(cfg, client_id, server_round, previous),
-            seed_for(cfg.seed, client_id, server_round, previous),
+            torch.from_numpy(from_record(context.state.array_records[STATE_RNG])["before"].copy()),
         )
+        rng = torch.from_numpy(received["rng"].copy())
     bottom_now = adapter_state(worker.client.split.model)
     context.state.array_records[STATE_ADAPTER] = to_record(bottom_now)
     context.state.array_records[STATE_OPTIMIZER] = to_record(worker.client.optimizer_state())
     content = RecordDict({"metrics": MetricRecord({"client-id": client_id, "steps": len(plan)})})
     if step < len(plan):
         batch = batch_at(cfg, client_id, server_round, step)
-        activations = worker.client.forward(batch, seed_for(cfg.seed, client_id, server_round, step))
+        activations = worker.client.forward(batch, rng)
+        context.state.array_records[STATE_RNG] = to_record({"before": rng})
         content["activations"] = to_record(
-            {"activations": activations, "attention-mask": batch["attention_mask"], "labels": batch["labels"]}
+            {
+                "activations": activations,
+                "attention-mask": batch["attention_mask"],
+                "labels": batch["labels"],
+                "rng": torch.get_rng_state(),
+            }
         )
         worker.step = step + 1
         _WORKERS[key] = worker

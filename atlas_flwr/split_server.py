@@ -37,7 +37,6 @@ from atlas_flwr.messaging import exchange
 from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.records import from_record, to_record
 from atlas_flwr.split_train import ServerSide
-from atlas_flwr.train import seed_for
 from strategies.aggregation import State
 from strategies.pipeline import ClientInfo, Update
 
@@ -86,11 +85,11 @@ def _record_bytes(message: Message, names: Sequence[str]) -> dict[str, int]:
 
 
 def run_split_round(
-    grid: Grid, clients: Sequence[SplitClient], bottoms: dict[int, State], server_round: int, seed: int
+    grid: Grid, clients: Sequence[SplitClient], bottoms: dict[int, State], server_round: int
 ) -> SplitRoundResult:
     """Run every client's steps of one round; return their final bottoms (their tops stay in their halves)."""
     clients = sorted(clients, key=lambda c: c.client_id)
-    grads: dict[int, np.ndarray] = {}
+    grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     finals: dict[int, State] = {}
     examples: dict[int, int] = {}
     traffic: dict[str, float] = defaultdict(float)
@@ -107,7 +106,8 @@ def run_split_round(
             if steps == 0:
                 content["bottom"] = to_record(bottoms[client.client_id])
             if client.client_id in grads:
-                content["grad"] = to_record({"grad": grads.pop(client.client_id)})
+                grad, rng = grads.pop(client.client_id)
+                content["grad"] = to_record({"grad": grad, "rng": rng})
             message = Message(
                 content, dst_node_id=client.info.node_id, message_type="train.split", group_id=str(server_round)
             )
@@ -146,9 +146,10 @@ def run_split_round(
                     torch.from_numpy(arrays["activations"].copy()),
                     torch.from_numpy(arrays["attention-mask"].copy()),
                     torch.from_numpy(arrays["labels"].copy()),
-                    seed=seed_for(seed, client.client_id, server_round, steps, 1),
+                    # Dropout continues from the client's bottom; the client's next forward from here.
+                    seed=torch.from_numpy(arrays["rng"].copy()),
                 )
-                grads[client.client_id] = grad.numpy()
+                grads[client.client_id] = (grad.numpy(), torch.get_rng_state().numpy())
                 losses[client.client_id].append((loss, len(arrays["labels"])))
                 still.append(client)
             elif "bottom" in records:

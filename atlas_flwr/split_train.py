@@ -8,8 +8,13 @@ training of the whole model would (tested).
 
 The client keeps the graph of its last forward between the two calls when it can; when the
 process that runs the backward is not the one that ran the forward (simulation does not tie a
-node to one worker), it recomputes the forward under the same seed, which gives the same
+node to one worker), it recomputes the forward from the same random state, which gives the same
 activations and dropout masks.
+
+Random state: each call takes a seed or a CPU generator state (``torch.get_rng_state()``) and
+draws its dropout masks from it. Passing the state on (client forward -> server step -> the
+client's next forward) draws the masks a federated client's forward of the whole model draws, so
+a split round computes what a federated round computes, dropout included.
 """
 
 from __future__ import annotations
@@ -24,6 +29,21 @@ from atlas_flwr.errors import AtlasError
 from atlas_flwr.models.split import SplitClassifier
 
 Batch = Mapping[str, torch.Tensor]
+#: A seed, or a CPU generator state to continue from.
+Rng = int | torch.Tensor
+
+
+def _start(rng: Rng) -> None:
+    if isinstance(rng, torch.Tensor):
+        torch.set_rng_state(rng)
+    else:
+        torch.manual_seed(rng)
+
+
+def _same(a: Rng, b: Rng) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 def _inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -65,22 +85,24 @@ class ClientSide(_AdamWSide):
         self.split = split
         self.params = split.parameters("client")
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self._pending: tuple[int, torch.Tensor] | None = None
+        self._pending: tuple[Rng, torch.Tensor] | None = None
 
-    def forward(self, batch: Batch, seed: int) -> torch.Tensor:
-        """Cut-layer activations of ``batch`` (a detached copy, to send); the graph is kept for backward."""
+    def forward(self, batch: Batch, seed: Rng) -> torch.Tensor:
+        """Cut-layer activations of ``batch`` (a detached copy, to send); the graph is kept for backward.
+
+        Dropout draws from ``seed``; ``torch.get_rng_state()`` afterwards is where the top continues."""
         self.split.model.train()
-        torch.manual_seed(seed)  # dropout masks: a recomputation with this seed reproduces them
+        _start(seed)  # a recomputation from the same seed or state reproduces the dropout masks
         activations = self.split.bottom(*_inputs(batch))
         self._pending = (seed, activations)
         return activations.detach()
 
-    def backward(self, grad: torch.Tensor, batch: Batch | None = None, seed: int | None = None) -> None:
+    def backward(self, grad: torch.Tensor, batch: Batch | None = None, seed: Rng | None = None) -> None:
         """Backpropagate the server's gradient through the bottom and take one AdamW step.
 
         Without the graph of the forward (another process ran it), ``batch`` and ``seed`` recompute it.
         """
-        if self._pending is None or (seed is not None and self._pending[0] != seed):
+        if self._pending is None or (seed is not None and not _same(self._pending[0], seed)):
             if batch is None or seed is None:
                 raise AtlasError("a gradient arrived for a forward this client did not run: send the batch and seed")
             self.forward(batch, seed)
@@ -123,11 +145,11 @@ class ServerSide(_AdamWSide):
         self._new_optimizer()
 
     def step(
-        self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, seed: int
+        self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, seed: Rng
     ) -> tuple[torch.Tensor, float]:
         """Forward and backward of the top on received activations, one AdamW step; the activations' gradient."""
         self.split.model.train()
-        torch.manual_seed(seed)
+        _start(seed)
         received = activations.detach().requires_grad_(True)
         loss = self.loss_fn(self.split.top(received, attention_mask), labels)
         if not math.isfinite(loss.item()):
