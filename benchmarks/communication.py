@@ -1,7 +1,7 @@
 """Communication per client and round: full-model FedAvg, LoRA in fp32 / fp16 / int8, and split learning.
 
     benchmarks/protocol.sh fedavg fedavg+fp16 fedavg+int8 fedavg-cluster+split-auto   # the runs (CPU protocol)
-    python benchmarks/communication.py                                                # the table
+    python benchmarks/communication.py [--readme README.md]                           # the table
 
 Every LoRA and split number is counted from the real messages of a committed protocol run
 (``benchmarks/results/protocol/<label>/rounds.json``): ``bytes-received`` (train replies; evaluation replies
@@ -96,6 +96,11 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     (OUT / "communication.md").write_text(text)
     print(text)
+    if "--readme" in sys.argv:  # the README's table between its <!-- atlas-report:communication --> markers
+        from atlas_flwr.report import update_section
+
+        readme = Path(sys.argv[sys.argv.index("--readme") + 1])
+        readme.write_text(update_section(readme.read_text(), "communication", text))
 
 
 if __name__ == "__main__":

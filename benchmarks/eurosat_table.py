@@ -1,12 +1,14 @@
 """Print the README's EuroSAT tables (precisions, PTQ) and draw the accuracy-vs-round figure.
 
-python benchmarks/eurosat_table.py [benchmarks/results/eurosat]   (writes eurosat.png there)
+python benchmarks/eurosat_table.py [benchmarks/results/eurosat] [--readme README.md]
+
+Writes eurosat.png there; with ``--readme`` also rewrites the README's ``eurosat-precisions`` and
+``eurosat-ptq`` sections (between their ``<!-- atlas-report:... -->`` markers) with the tables.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -82,13 +84,32 @@ def figure(root: Path) -> None:
     plt.close(fig)
 
 
+def readme_sections(root: Path) -> dict[str, str]:
+    """The README sections these results fill, by marker name."""
+    return {
+        "eurosat-precisions": "\n".join(precision_table(root)),
+        "eurosat-ptq": "\n".join(ptq_table(root)) or "(atlas-ptq has not run on these results)",
+    }
+
+
 def main() -> None:
-    """Print both tables and write ``eurosat.png``."""
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/eurosat")
-    print("\n".join(precision_table(root)))
-    print()
-    print("\n".join(ptq_table(root)))
-    figure(root)
+    """Print both tables, write ``eurosat.png``, and fill the README's sections when asked."""
+    import argparse
+
+    from atlas_flwr.report import update_section
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", default="benchmarks/results/eurosat", type=Path)
+    parser.add_argument("--readme", type=Path, help="markdown file whose marked sections get the tables")
+    args = parser.parse_args()
+    sections = readme_sections(args.root)
+    print("\n\n".join(sections.values()))
+    figure(args.root)
+    if args.readme is not None:
+        text = args.readme.read_text()
+        for name, body in sections.items():
+            text = update_section(text, name, body)
+        args.readme.write_text(text)
 
 
 if __name__ == "__main__":

@@ -131,13 +131,60 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
     assert readme.read_text() == "no markers here\n"  # nothing lost
 
 
-def test_the_readme_results_are_the_committed_runs_report(tmp_path: Path) -> None:
-    """The README's protocol table is atlas-report's output on the committed runs, not typed in."""
+#: The README's generated sections: the runs each is made of, the reference method, the marker name.
+README_REPORTS = [
+    (["benchmarks/results/protocol"], "fedavg", "protocol"),
+    (
+        [
+            f"benchmarks/results/protocol/fedavg-cluster{split}{seed}"
+            for split in ("", "+split-auto")
+            for seed in ("", "-s43")
+        ],
+        "fedavg-cluster",
+        "split-vs-federated",
+    ),
+]
+
+
+@pytest.mark.parametrize(("runs", "reference", "section"), README_REPORTS, ids=[r[2] for r in README_REPORTS])
+def test_the_readme_results_are_the_committed_runs_report(
+    tmp_path: Path, runs: list[str], reference: str, section: str
+) -> None:
+    """The README's result tables are atlas-report's output on the committed runs, not typed in."""
     root = Path(__file__).resolve().parents[1]
     readme = tmp_path / "README.md"
     readme.write_text((root / "README.md").read_text())
-    args = [str(root / "benchmarks/results/protocol"), "--out", str(tmp_path / "r"), "--readme", str(readme)]
-    assert main([*args, "--section", "protocol"]) == 0
+    args = [*(str(root / r) for r in runs), "--out", str(tmp_path / "r"), "--readme", str(readme)]
+    assert main([*args, "--reference", reference, "--section", section]) == 0
     assert readme.read_text() == (root / "README.md").read_text(), (
-        "README is out of date: run the atlas-report command above its protocol table"
+        f"README is out of date: run the atlas-report command above its {section} table"
+    )
+
+
+def test_the_readme_eurosat_tables_are_the_committed_results() -> None:
+    """The README's EuroSAT tables are benchmarks/eurosat_table.py's output on the committed results."""
+    import importlib.util
+
+    from atlas_flwr.report import update_section
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("eurosat_table", root / "benchmarks/eurosat_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (root / "README.md").read_text()
+    expected = readme
+    for name, body in module.readme_sections(root / "benchmarks/results/eurosat").items():
+        expected = update_section(expected, name, body)
+    assert "| fp32 |" in expected
+    assert readme == expected, "README is out of date: run python benchmarks/eurosat_table.py --readme README.md"
+
+
+def test_the_readme_communication_table_is_the_committed_one() -> None:
+    from atlas_flwr.report import update_section
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = (root / "benchmarks/results/communication/communication.md").read_text()
+    assert readme == update_section(readme, "communication", table), (
+        "README is out of date: run python benchmarks/communication.py --readme README.md"
     )
