@@ -2,6 +2,7 @@
 
     python benchmarks/split_cuts.py --out benchmarks/results/split          # measure (about 15 min on 2 cores)
     python benchmarks/split_cuts.py --table benchmarks/results/split        # the markdown table of the results
+    python benchmarks/split_cuts.py --table benchmarks/results/split --readme README.md   # ... into the README
 
 Setting: batch 16, every batch padded to 128 tokens (``padding = "max-length"``), LoRA rank 8 on query/value,
 AdamW; the issue's reference point is cut 2.
@@ -208,9 +209,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="client steps per memory measurement")
     parser.add_argument("--cuts", default="0,1,2,3,4,5", help="0 = no split")
     parser.add_argument("--table", type=Path, help="print the table of a results folder and exit")
+    parser.add_argument("--readme", type=Path, help="with --table: write it between the file's split-cuts markers")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads((args.table / "split.json").read_text())["rows"]))
+        text = table(json.loads((args.table / "split.json").read_text())["rows"])
+        print(text)
+        if args.readme:
+            from atlas_flwr.report import update_section
+
+            args.readme.write_text(update_section(args.readme.read_text(), "split-cuts", text))
         return
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -188,3 +188,19 @@ def test_the_readme_communication_table_is_the_committed_one() -> None:
     assert readme == update_section(readme, "communication", table), (
         "README is out of date: run python benchmarks/communication.py --readme README.md"
     )
+
+
+def test_the_readme_split_cuts_table_is_the_committed_one() -> None:
+    import importlib.util
+
+    from atlas_flwr.report import update_section
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("split_cuts", root / "benchmarks/split_cuts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = json.loads((root / "benchmarks/results/split/split.json").read_text())["rows"]
+    readme = (root / "README.md").read_text()
+    assert readme == update_section(readme, "split-cuts", module.table(rows)), (
+        "README is out of date: run python benchmarks/split_cuts.py --table benchmarks/results/split --readme README.md"
+    )
