@@ -4,7 +4,7 @@ A checkpoint is ``<run dir>/checkpoint/``:
 
 - ``round-NNNN.safetensors``: every client's adapter and head (``adapter/<client>/<key>``,
   ``head/<client>/<key>``), the server's RNG states (``rng/numpy``, ``rng/torch``) and any other
-  server tensors (``extra/...``, for a workload that needs more than adapters and heads);
+  server tensors (``extra/...``: the EuroSAT global model);
 - ``state.json``: the round, the run config, groups, adjacency, rank plan, the metrics so far, and the
   name and SHA-256 of the tensor file it belongs to.
 

@@ -140,8 +140,8 @@ class ServerSide(_AdamWSide):
         from atlas_flwr.models.classifier import load_adapter_state, load_head_state
         from atlas_flwr.records import to_torch
 
-        load_adapter_state(self.split.model, to_torch(dict(top)))
-        load_head_state(self.split.model, to_torch(dict(head)))
+        load_adapter_state(self.split.model, to_torch(top))
+        load_head_state(self.split.model, to_torch(head))
         self._new_optimizer()
 
     def step(
