@@ -67,8 +67,7 @@ class SplitRoundResult:
 
     bottoms: dict[int, State]
     num_examples: dict[int, int]
-    losses: dict[int, float]
-    loss: float
+    losses: dict[int, float]  # per client, over its examples (the strategy weighs them into the round's)
     steps: int
     bytes: dict[str, float] = field(default_factory=dict)
     failures: int = 0
@@ -167,12 +166,10 @@ def run_split_round(
     per_client = {
         cid: sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs) for cid, pairs in losses.items() if pairs
     }
-    seen = sum(n for pairs in losses.values() for _, n in pairs)
     return SplitRoundResult(
         bottoms=finals,
         num_examples=examples,
         losses=per_client,
-        loss=sum(loss * n for pairs in losses.values() for loss, n in pairs) / seen if seen else float("nan"),
         steps=steps,
         bytes=dict(traffic),
         failures=failures,

@@ -57,8 +57,7 @@ class _AdamWSide:
     optimizer: torch.optim.Optimizer
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """AdamW moments and step counts as arrays (the client keeps them in ``context.state``, the server in
-        its checkpoint)."""
+        """AdamW moments and step counts as arrays (the client keeps them in ``context.state`` between steps)."""
         out: dict[str, np.ndarray] = {}
         for i, param in enumerate(self.params):
             for key, value in self.optimizer.state.get(param, {}).items():
