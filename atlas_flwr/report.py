@@ -123,13 +123,18 @@ def _method_order(label: str) -> tuple[int, str]:
     return (list(PRESETS).index(base) if base in PRESETS else len(PRESETS), label)
 
 
+def _by_method(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by method label, the presets' order first."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.method].append(run)
+    return dict(sorted(groups.items(), key=lambda item: _method_order(item[0])))
+
+
 def method_table(runs: Sequence[Run]) -> list[dict[str, str]]:
     """One row per method, over its seeds."""
-    by_method: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_method[run.method].append(run)
     rows = []
-    for method, group in sorted(by_method.items(), key=lambda item: _method_order(item[0])):
+    for method, group in _by_method(runs).items():
         tasks = group[0].tasks
         row = {"method": method, "seeds": str(len(group))}
         for task in tasks:
@@ -150,9 +155,7 @@ def method_table(runs: Sequence[Run]) -> list[dict[str, str]]:
 
 def summary_table(runs: Sequence[Run]) -> list[dict[str, str]]:
     """The README's table: per task only its main metric, then the run-level columns (mean ± std over seeds)."""
-    by_method: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_method[run.method].append(run)
+    by_method = _by_method(runs)
     rows = []
     for row in method_table(runs):
         tasks = [k.split()[0] for k in row if k.endswith(" accuracy")]
@@ -182,6 +185,15 @@ def update_section(text: str, name: str, body: str) -> str:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{body.rstrip()}\n{end}{tail}"
+
+
+def write_sections(path: Path, sections: dict[str, str]) -> None:
+    """Rewrite the marked sections (name -> body) of the markdown file at ``path``; nothing is written
+    unless every section's markers are there."""
+    text = path.read_text()
+    for name, body in sections.items():
+        text = update_section(text, name, body)
+    path.write_text(text)
 
 
 def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
@@ -332,10 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.readme is not None:
         try:
-            text = args.readme.read_text()
             summary = markdown(summary_table(runs))
-            body = f"{summary}\n{markdown(paired)}" if paired else summary
-            args.readme.write_text(update_section(text, args.section, body))
+            write_sections(args.readme, {args.section: f"{summary}\n{markdown(paired)}" if paired else summary})
         except (OSError, ValueError) as err:
             print(f"atlas-report: {args.readme}: {err}", file=sys.stderr)
             return 2

@@ -45,6 +45,11 @@ def full_model_bytes() -> int:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, help="markdown file whose communication section gets the table")
+    readme = parser.parse_args().readme
     full = full_model_bytes()
     rows = [
         {
@@ -96,11 +101,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     (OUT / "communication.md").write_text(text)
     print(text)
-    if "--readme" in sys.argv:  # the README's table between its <!-- atlas-report:communication --> markers
-        from atlas_flwr.report import update_section
+    if readme is not None:  # the table between the file's <!-- atlas-report:communication --> markers
+        from atlas_flwr.report import write_sections
 
-        readme = Path(sys.argv[sys.argv.index("--readme") + 1])
-        readme.write_text(update_section(readme.read_text(), "communication", text))
+        write_sections(readme, {"communication": text})
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def main() -> None:
     """Print both tables, write ``eurosat.png``, and fill the README's sections when asked."""
     import argparse
 
-    from atlas_flwr.report import update_section
+    from atlas_flwr.report import write_sections
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default="benchmarks/results/eurosat", type=Path)
@@ -106,10 +106,7 @@ def main() -> None:
     print("\n\n".join(sections.values()))
     figure(args.root)
     if args.readme is not None:
-        text = args.readme.read_text()
-        for name, body in sections.items():
-            text = update_section(text, name, body)
-        args.readme.write_text(text)
+        write_sections(args.readme, sections)
 
 
 if __name__ == "__main__":

@@ -215,9 +215,9 @@ def main() -> None:
         text = table(json.loads((args.table / "split.json").read_text())["rows"])
         print(text)
         if args.readme:
-            from atlas_flwr.report import update_section
+            from atlas_flwr.report import write_sections
 
-            args.readme.write_text(update_section(args.readme.read_text(), "split-cuts", text))
+            write_sections(args.readme, {"split-cuts": text})
         return
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     args.out.mkdir(parents=True, exist_ok=True)

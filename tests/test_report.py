@@ -161,16 +161,22 @@ def test_the_readme_results_are_the_committed_runs_report(
     )
 
 
-def test_the_readme_eurosat_tables_are_the_committed_results() -> None:
-    """The README's EuroSAT tables are benchmarks/eurosat_table.py's output on the committed results."""
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_eurosat_tables_are_the_committed_results() -> None:
+    """The README's EuroSAT tables are benchmarks/eurosat_table.py's output on the committed results."""
     from atlas_flwr.report import update_section
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("eurosat_table", root / "benchmarks/eurosat_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("eurosat_table")
     readme = (root / "README.md").read_text()
     expected = readme
     for name, body in module.readme_sections(root / "benchmarks/results/eurosat").items():
@@ -191,14 +197,10 @@ def test_the_readme_communication_table_is_the_committed_one() -> None:
 
 
 def test_the_readme_split_cuts_table_is_the_committed_one() -> None:
-    import importlib.util
-
     from atlas_flwr.report import update_section
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("split_cuts", root / "benchmarks/split_cuts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("split_cuts")
     rows = json.loads((root / "benchmarks/results/split/split.json").read_text())["rows"]
     readme = (root / "README.md").read_text()
     assert readme == update_section(readme, "split-cuts", module.table(rows)), (
