@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from atlas_flwr.checkpoint import checkpoint_to_resume
 from atlas_flwr.config import Config
 from atlas_flwr.data import load_split
-from atlas_flwr.errors import ConfigError
+from atlas_flwr.errors import ConfigError, DataError
 from atlas_flwr.models.registry import resolve_model
 
 
@@ -22,6 +24,12 @@ def preflight(cfg: Config) -> None:
     if cfg.split != "none" and cfg.precision != "fp32":
         raise ConfigError("precision", cfg.precision, "fp32 with split learning (activations travel in fp32)")
     checkpoint_to_resume(cfg.resume_from, cfg.to_dict())
+    if cfg.workload == "eurosat":
+        # The CNN workload needs neither the language model nor GLUE: a machine may hold only EuroSAT.
+        npz = cfg.resolved_eurosat_data()
+        if npz and not Path(npz).is_file():
+            raise DataError(f"EuroSAT file {npz!r} not found: expected the npz of eurosat_rgb_jpeg.npz (data README)")
+        return
     resolve_model(cfg.model)
     data_dir = cfg.resolved_data_dir()
     if data_dir:

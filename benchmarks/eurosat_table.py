@@ -11,28 +11,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8")
+#: Run directories in table order: benchmarks/eurosat.sh's runs (flwr run on this CPU), then
+#: benchmarks/eurosat_device.sh's (in-process on a lent GPU; their runtime.json says where).
+RUNS = ("fp32", "fp16", "int8", "fp16-gpu", "fp32-gpu")
+
+
+def _where(run: Path) -> str:
+    path = run / "runtime.json"
+    if not path.is_file():
+        return "CPU (2 cores), flwr run"
+    return f"{json.loads(path.read_text())['device']}, in-process grid"
 
 
 def precision_table(root: Path) -> list[str]:
-    """One markdown row per precision run: accuracy, rounds, MB per round, time."""
+    """One markdown row per run: where it ran, accuracy, rounds, MB per round, time."""
     lines = [
-        "| precision | rounds (stopped by) | test accuracy | best | MB down / up per round | s per round | s end to end |",
-        "|---|---|---|---|---|---|---|",
+        (
+            "| run | where | rounds (stopped by) | test accuracy | best | MB down / up per round | "
+            "client train s per round | s per round | s end to end |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in PRECISIONS:
+    for name in RUNS:
         run = root / name
         if not (run / "summary.json").is_file():
             continue
         s = json.loads((run / "summary.json").read_text())
         rounds = [r for r in json.loads((run / "rounds.json").read_text()) if r["round"] > 0]
         per_round = sum(r["round-seconds"] for r in rounds) / max(len(rounds), 1)
+        train = sum(r["client-train-seconds"] for r in rounds) / max(len(rounds), 1)
         wall = run / "wall-clock.txt"
         end = wall.read_text().split(":")[1].split("s end")[0].strip() if wall.is_file() else ""
         lines.append(
-            f"| {name} | {s['rounds-completed']} of {s['rounds-planned']} ({s['stopped-by']}) | "
+            f"| {name} | {_where(run)} | {s['rounds-completed']} of {s['rounds-planned']} ({s['stopped-by']}) | "
             f"{s['test-accuracy']:.4f} | {s['best-test-accuracy']:.4f} | "
-            f"{s['bytes-sent-per-round'] / 1e6:.2f} / {s['bytes-received-per-round'] / 1e6:.2f} | {per_round:.0f} | {end} |"
+            f"{s['bytes-sent-per-round'] / 1e6:.2f} / {s['bytes-received-per-round'] / 1e6:.2f} | {train:.1f} | "
+            f"{per_round:.0f} | {end} |"
         )
     return lines
 
@@ -62,7 +76,7 @@ def figure(root: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_round, by_mb) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in PRECISIONS:
+    for name in RUNS:
         path = root / name / "rounds.json"
         if not path.is_file():
             continue
