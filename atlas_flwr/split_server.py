@@ -233,7 +233,8 @@ def plan_split(
     family = resolve_model(cfg.model).family
     planned, choices = [], []
     for client in clients:
-        calibration = Calibration.for_device(client.device)
+        # Split halves run on the CPU whatever the client has (no device placement in split_train yet).
+        calibration = Calibration.for_device("cpu")
         try:
             if cfg.split == "auto":
                 cut, parts = choose_split(shape, step, client.memory_bytes, ranks, calibration=calibration)

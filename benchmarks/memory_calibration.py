@@ -7,6 +7,19 @@ on the CPU, and reports its peak memory; the parent compares it with the predict
 
     python benchmarks/memory_calibration.py --out benchmarks/results/memory
     python benchmarks/memory_calibration.py --table          # the markdown table of the committed CSV
+    python benchmarks/memory_calibration.py --device cuda --out benchmarks/results/memory-cuda
+    python benchmarks/memory_calibration.py --device cuda --out benchmarks/results/memory-cuda --rescore
+
+``--rescore`` keeps the measurements of OUT and recomputes every prediction (and the workspace fit) with the
+current ``Calibration.for_device(--device)``: how a changed model is checked against measurements that need
+a machine one does not have at hand.
+
+On CUDA (``--device cuda``) the same training loop runs with fp16 autocast and a GradScaler, as clients
+with a GPU train. Measured = ``torch.cuda.max_memory_allocated()`` during the steps minus
+``torch.cuda.memory_allocated()`` before the classifier is built (the runtime warmed up first, so cuBLAS
+workspaces are in the baseline): live tensor bytes, allocator caching excluded, the CUDA context excluded.
+The saved-tensor count then also reports the fp16 copies of weights that autocast keeps for backward
+(``counted_weight_casts``), which the CPU does not have.
 
 Measurement (CPU; ``tracemalloc`` does not see torch's allocations, so resident memory is used):
 
@@ -98,6 +111,9 @@ CONFIGS = [
     ("minilm-b32-s64-hetero", "minilm-l6", 32, 64, [0, 16, 0, 8, 0, 4]),
     ("bert8L-b16-s128-r8", "bert-small-random", 16, 128, [8] * 8),
     ("gpt2-6L-b16-s128-hetero", "gpt2-small-random", 16, 128, [0, 0, 8, 8, 16, 16]),
+    # Added after the CUDA calibration was fitted (held out on both devices):
+    ("minilm-b16-s256-r4", "minilm-l6", 16, 256, [4] * 6),
+    ("gpt2-6L-b8-s256-r8", "gpt2-small-random", 8, 256, [8] * 6),
 ]
 #: Configs whose measurements fit the two workspace constants (see ``fit_workspace``); the rest are held out.
 FIT = ("minilm-b8-s64-r8", "minilm-b16-s128-r8", "minilm-b32-s128-r8")
@@ -114,6 +130,7 @@ FIELDS = [
     "pred_lora_grads",
     "pred_optimizer_state",
     "pred_activations",
+    "pred_weight_casts",
     "pred_workspace",
     "pred_layer_activations",
     "predicted",
@@ -121,8 +138,10 @@ FIELDS = [
     "rel_error",
     "counted_activations",
     "activations_rel_error",
+    "counted_weight_casts",
     "measured_after_build",
     "method",
+    "device",
     "malloc",
     "torch",
     "transformers",
@@ -132,6 +151,7 @@ FIELDS = [
     "seconds",
 ]
 METHOD = "VmHWM - VmRSS baseline (clear_refs=5 after build), fresh process"
+METHOD_CUDA = "torch.cuda.max_memory_allocated - memory_allocated baseline (before build), fresh process"
 
 
 # --------------------------------------------------------------------------------------------- child process
@@ -143,15 +163,25 @@ def _proc_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _warm_up_runtime(torch) -> None:
+def _autocast(torch, device):
+    """The training loop's autocast: fp16 on CUDA, none on the CPU (``atlas_flwr.train``)."""
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _warm_up_runtime(torch, device) -> None:
     """One tiny training step so that the runtime's lazy state exists before the baseline is read."""
-    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
-    lora = torch.nn.Linear(32, 4)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True).to(device)
+    lora = torch.nn.Linear(32, 4).to(device)
     opt = torch.optim.AdamW(lora.parameters())
-    x = torch.randn(2, 16, 32)
-    loss = layer(x + lora(x).sum(-1, keepdim=True)).sum() + torch.nn.functional.gelu(x).sum()
-    loss.backward()
+    x = torch.randn(2, 16, 32, device=device)
+    with _autocast(torch, device):
+        loss = layer(x + lora(x).sum(-1, keepdim=True)).sum() + torch.nn.functional.gelu(x).sum()
+    loss.float().backward()
     opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _exclusion_regex(family: str, ranks: list[int], targets: list[str]) -> str | None:
@@ -183,7 +213,9 @@ def child(spec: dict) -> dict:
     from atlas_flwr.train import train_local
 
     quiet_libraries()
-    _warm_up_runtime(torch)
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    _warm_up_runtime(torch, device)
     source = resolve_model(spec["path"])
     cached = classifier._load_backbone(source.path)  # the process-wide frozen copy (see module docstring)
     with torch.no_grad():
@@ -216,8 +248,12 @@ def child(spec: dict) -> dict:
             item["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
         batches.append(item)
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    baseline = _proc_kib("VmRSS")
+    if cuda:
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        baseline = _proc_kib("VmRSS")
 
     model = classifier.build_classifier(spec["path"], 2, settings)
     adapted = sorted(
@@ -229,18 +265,28 @@ def child(spec: dict) -> dict:
     expected = [i for i, r in enumerate(ranks) if r]
     if adapted != expected:
         raise RuntimeError(f"adapted layers {adapted} != expected {expected}")
-    after_build = _proc_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+    if cuda:
+        model.to(device)
+        torch.cuda.synchronize()
+        after_build = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        after_build = _proc_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
     start = time.perf_counter()
-    train_local(model, batches, epochs=1, lr=1e-4, weight_decay=0.01, device=torch.device("cpu"))
+    train_local(model, batches, epochs=1, lr=1e-4, weight_decay=0.01, device=device)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = _proc_kib("VmHWM")
-    counted = count_saved_activation_bytes(model, {k: v for k, v in batches[0].items() if k != "labels"})
+    peak = torch.cuda.max_memory_allocated() if cuda else _proc_kib("VmHWM")
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    counted, casts = count_saved_activation_bytes(model, inputs, device)
     return {
         "measured": peak - baseline,
         "measured_after_build": after_build - baseline,
         "counted_activations": counted,
+        "counted_weight_casts": casts,
         "seconds": round(seconds, 2),
     }
 
@@ -249,24 +295,32 @@ def _lora(model):
     return [(n, p) for n, p in model.named_parameters() if "lora_A" in n]
 
 
-def count_saved_activation_bytes(model, inputs: dict) -> int:
-    """Bytes autograd keeps for backward in one training-mode forward: distinct storages, parameters excluded."""
+def count_saved_activation_bytes(model, inputs: dict, device=None) -> tuple[int, int]:
+    """Bytes autograd keeps for backward in one training-mode forward (under the training loop's autocast):
+    distinct storages, parameters excluded; and, apart, the low-precision copies of weights autocast made."""
     import torch
 
+    device = device or torch.device("cpu")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() >= 2}
     seen: dict[int, int] = {}
+    casts: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        if storage.data_ptr() in params:
+            return t
+        # autocast's fp16 copy of a weight: a parameter's shape in half precision, filling its storage
+        is_cast = t.dtype == torch.float16 and tuple(t.shape) in shapes and storage.nbytes() == 2 * t.numel()
+        (casts if is_cast else seen).setdefault(storage.data_ptr(), storage.nbytes())
         return t
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(torch, device):
         out = model(**inputs)
     del out
-    return sum(seen.values())
+    return sum(seen.values()), sum(casts.values())
 
 
 # --------------------------------------------------------------------------------------------- parent process
@@ -285,7 +339,7 @@ def prepare_models(tmp: Path) -> dict[str, str]:
     return paths
 
 
-def predict(path: str, batch: int, seq: int, ranks: list[int]) -> tuple[str, dict[str, int], int]:
+def predict(path: str, batch: int, seq: int, ranks: list[int], device: str = "cpu") -> tuple[str, dict[str, int], int]:
     """Family, predicted breakdown, and the bytes one layer stores (the unit of ``workspace_layers``)."""
     from transformers import AutoConfig
 
@@ -294,7 +348,7 @@ def predict(path: str, batch: int, seq: int, ranks: list[int]) -> tuple[str, dic
     source = resolve_model(path)
     config = AutoConfig.from_pretrained(source.path).to_dict()
     shape = ModelShape.from_hf_config(config, source.lora_targets)
-    cal, train = Calibration.for_device("cpu"), TrainShape(batch, seq)
+    cal, train = Calibration.for_device(device), TrainShape(batch, seq)
     unit = dataclasses.replace(cal, workspace_layers=1.0, workspace_bytes=0.0)
     layer = predict_peak_bytes(shape, train, ranks, "adamw", unit)["workspace"]
     return source.family, predict_peak_bytes(shape, train, ranks, "adamw", cal), layer
@@ -315,6 +369,7 @@ def fit_workspace(rows: list[dict]) -> dict:
 
 def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: list[int], args) -> dict:
     spec = {"path": path, "batch": batch, "seq_len": seq, "ranks": ranks, "steps": args.steps, "threads": args.threads}
+    spec["device"] = args.device
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if args.malloc == "pinned":
@@ -328,7 +383,7 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: child failed\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    family, pred, layer = predict(path, batch, seq, ranks)
+    family, pred, layer = predict(path, batch, seq, ranks, args.device)
     import peft
     import torch
     import transformers
@@ -350,8 +405,10 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
         "activations_rel_error": round(
             (pred["activations"] - result["counted_activations"]) / result["counted_activations"], 4
         ),
+        "counted_weight_casts": result["counted_weight_casts"],
         "measured_after_build": result["measured_after_build"],
-        "method": METHOD,
+        "method": METHOD_CUDA if args.device == "cuda" else METHOD,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "malloc": "pinned: " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
         if args.malloc == "pinned"
         else "glibc default",
@@ -362,6 +419,43 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
         "steps": args.steps,
         "seconds": result["seconds"],
     }
+
+
+def _with_prediction(row: dict, path: str, device: str) -> dict:
+    """``row`` (a measurement) with the current model's prediction and errors."""
+    ranks = [int(r) for r in str(row["ranks"]).split()]
+    family, pred, layer = predict(path, int(row["batch"]), int(row["seq_len"]), ranks, device)
+    measured, counted = int(row["measured"]), int(row["counted_activations"])
+    return {
+        **row,
+        "family": family,
+        **{f"pred_{k}": v for k, v in pred.items() if k != "total"},
+        "pred_layer_activations": layer,
+        "predicted": pred["total"],
+        "rel_error": round((pred["total"] - measured) / measured, 4),
+        "activations_rel_error": round((pred["activations"] - counted) / counted, 4),
+    }
+
+
+def rescore(args) -> None:
+    """Recompute OUT's predictions and workspace fit with the current calibration; measurements unchanged."""
+    meta = json.loads((args.out / "memory.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = prepare_models(Path(tmp))
+        rows = [_with_prediction(row, paths[row["model"]], args.device) for row in meta["rows"]]
+    meta |= {
+        "rows": rows,
+        "calibration": dataclasses.asdict(Calibration.for_device(args.device)),
+        "workspace_fit": fit_workspace(rows) if meta.get("workspace_fit") else {},
+        "rescored": "python benchmarks/memory_calibration.py " + " ".join(sys.argv[1:]),
+    }
+    (args.out / "memory.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with (args.out / "memory.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(markdown(rows))
+    print("workspace fit:", json.dumps(meta["workspace_fit"]))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -389,8 +483,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the steps run (see above)")
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of OUT/memory.csv")
+    parser.add_argument("--rescore", action="store_true", help="new predictions for the measurements in OUT")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -399,6 +495,9 @@ def main() -> None:
     if args.table:
         with (args.out / "memory.csv").open() as fh:
             print(markdown(list(csv.DictReader(fh))))
+        return
+    if args.rescore:
+        rescore(args)
         return
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     rows = []
@@ -415,11 +514,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python benchmarks/memory_calibration.py " + " ".join(sys.argv[1:]),
-        "method": METHOD,
+        "method": METHOD_CUDA if args.device == "cuda" else METHOD,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "calibration": dataclasses.asdict(Calibration.for_device("cpu")),
-        "workspace_fit": fit_workspace(rows) if args.malloc == "pinned" else {},  # RSS is live bytes only when pinned
+        "calibration": dataclasses.asdict(Calibration.for_device(args.device)),
+        # RSS is live bytes only when malloc is pinned; CUDA's allocated bytes always are
+        "workspace_fit": fit_workspace(rows) if args.malloc == "pinned" or args.device == "cuda" else {},
         "random_models": RANDOM_MODELS,
         "rows": rows,
     }

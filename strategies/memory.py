@@ -29,20 +29,22 @@ adapted projection adds its LoRA-dropout output (width ``in``) with its mask, an
 (width r) kept for ``lora_B``. Activations written as Python-level op chains keep more than the GeLU input
 (GPT-2's ``gelu_new``: 4 tensors of width i, see :data:`FFN_ACTIVATION_SAVES`).
 
-The masks are where CPU and GPU differ: CUDA's fused dropout keeps a bool mask (1 byte), PyTorch's CPU
-dropout keeps a mask in the input's dtype (4 bytes in fp32). The defaults of :class:`Calibration` are the
-CPU's, the device this was measured on; ``Calibration.for_device("cuda")`` has the bool masks (derived, not
-measured). Counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) on the project's
-classifier (PEFT LoRA, SDPA attention, which on the CPU with dropout runs the math path and keeps the
+CPU and GPU differ: CUDA's fused dropout keeps a bool mask (1 byte), PyTorch's CPU dropout keeps a mask
+in the input's dtype (4 bytes in fp32), and GPU clients train in fp16 autocast with fused attention. The
+defaults of :class:`Calibration` are the CPU's; ``Calibration.for_device("cuda")`` is the GPU variant,
+measured on an H200 (see there). Counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) on
+the project's classifier (PEFT LoRA, SDPA attention, which on the CPU with dropout runs the math path and keeps the
 ``s x s`` tensors) matches this count to within 3.5% (the first adapted layer keeps slightly less: its
 input needs no gradient, so neither its LoRA-dropout masks nor, with query/value targets, the scaled query).
-Fused attention kernels (SDPA flash / memory-efficient on GPU) keep no ``s x s`` tensors: a calibration then
-drives ``act_attn`` and ``mask_attn`` towards 0.
+Fused attention kernels (SDPA flash / memory-efficient on GPU) keep no ``s x s`` tensors: the CUDA
+calibration has ``act_attn = mask_attn = 0``.
 
 Validation (``benchmarks/memory_calibration.py``, results in ``benchmarks/results/memory``): peak RSS of
 real training steps in fresh processes, 7 configurations (MiniLM-L6 with uniform and heterogeneous ranks,
 a random-init 8-layer BERT and 6-layer GPT-2), all within 3% of the prediction; the two workspace
-constants are a least-squares fit on three of them, the other four are held out.
+constants are a least-squares fit on three of them, the other four are held out. On CUDA
+(``benchmarks/results/memory-cuda``: ``torch.cuda.max_memory_allocated``, fp16 autocast) the same seven
+configurations and one measured after the fit are within 2.4%.
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ FFN_ACTIVATION_SAVES: dict[str, float] = {
     "quick_gelu": 2.0,
     "linear": 0.0,
 }
+#: Under CUDA fp16 autocast, in fp32 elements per width-``i`` element, for the activations that call
+#: ``torch.pow`` (which autocast runs in fp32): the fp32 copy of x that pow keeps, the fp32 tanh output,
+#: ``0.5 * x`` (fp16) and ``1 + tanh`` (fp32) = (4 + 4 + 2 + 4) / 4. Every other activation keeps its
+#: :data:`FFN_ACTIVATION_SAVES` tensors in fp16 (``act_intermediate = 0.5`` each).
+FFN_ACTIVATION_SAVES_FP16_AUTOCAST: dict[str, float] = {
+    "gelu_new": 3.5,
+    "gelu_python_tanh": 3.5,
+    "gelu_accurate": 3.5,
+}
+
+
+#: The CUDA workspace constants: least squares on the measured peaks of the three MiniLM fit configs
+#: (``benchmarks/results/memory-cuda``), as the CPU's were.
+CUDA_WORKSPACE_LAYERS = 1.17
+CUDA_WORKSPACE_BYTES = 2.1e6
 
 
 @dataclass(frozen=True)
@@ -104,19 +121,40 @@ class Calibration:
     workspace_layers: float = 0.25  # in units of one layer's saved activations
     workspace_bytes: float = 8e6  # fixed: allocator slack, logits, library buffers (a CUDA context excluded)
     adapter_bytes: int = 4  # bytes per LoRA parameter, gradient and optimizer moment (PEFT keeps them fp32)
+    weight_cast_bytes: float = 0.0  # per frozen linear weight a gradient flows through: autocast's fp16 copy
+    fp16_autocast: bool = False  # FFN activations as FFN_ACTIVATION_SAVES_FP16_AUTOCAST counts them
 
     @classmethod
     def for_device(cls, device: str) -> Calibration:
-        """The constants for ``"cpu"`` (the defaults, measured) or ``"cuda"`` (bool dropout masks).
+        """The constants for ``"cpu"`` (fp32 training) or ``"cuda"`` (fp16 autocast, as ``train_local`` runs there).
 
-        PyTorch's CPU dropout (``at::dropout``) draws its mask as a tensor of the input's dtype and keeps it
-        for backward; CUDA's fused ``native_dropout`` keeps a bool mask: one byte per element. The CUDA
-        variant is derived from that count, not measured on a GPU (the workspace constants are the CPU fit).
+        Both were measured (``benchmarks/memory_calibration.py``; ``--device cuda`` on an H200). On CUDA,
+        in units of fp32 elements: Q, K, V and the attention output kept by SDPA's fused kernel are fp16
+        (4 x 0.5) and the two LayerNorm inputs fp32 (2), so ``act_hidden`` is 4; the fused kernel keeps no
+        ``s x s`` tensors and draws its dropout in the kernel (``act_attn = mask_attn = 0``); the FFN
+        activation's input is fp16 (0.5); dropout keeps bool masks (1 byte); each adapted projection keeps
+        the fp16 copy of its LoRA-dropout output that ``lora_A`` saves (0.5) with its bool mask, and an fp16
+        ``lora_A`` output (0.5). Autocast also keeps an fp16 copy of every frozen linear weight that a
+        gradient flows back through (2 bytes each). The workspace constants are the CUDA fit.
         """
         if device == "cpu":
             return cls()
         if device == "cuda":
-            return cls(mask_hidden=2.0, mask_attn=1.0, mask_lora_input=1.0)
+            return cls(
+                act_hidden=4.0,
+                act_intermediate=0.5,
+                act_intermediate_gated=1.5,
+                act_attn=0.0,
+                mask_hidden=2.0,
+                mask_attn=0.0,
+                act_lora_input=0.5,
+                mask_lora_input=1.0,
+                act_lora_rank=0.5,
+                weight_cast_bytes=2.0,
+                fp16_autocast=True,
+                workspace_layers=CUDA_WORKSPACE_LAYERS,
+                workspace_bytes=CUDA_WORKSPACE_BYTES,
+            )
         raise ValueError(f"device {device!r} is invalid: expected 'cpu' or 'cuda'")
 
 
@@ -257,6 +295,11 @@ class ModelShape:
         pairs = tuple(_target_shape(probe, t) for t in targets)
         return cls(**shape, lora_targets_per_layer=pairs, target_names=names)
 
+    def linear_weights_per_layer(self) -> int:
+        """Weight elements of a layer's linear projections (attention and FFN, biases excluded)."""
+        attn = 2 * self.hidden * self.q_dim + 2 * self.hidden * self.kv_dim
+        return attn + (3 if self.gated_ffn else 2) * self.hidden * self.intermediate
+
     def frozen_param_count(self) -> int:
         """Parameters of the backbone (no task head): embeddings, layers, norms, pooler.
 
@@ -302,7 +345,8 @@ def predict_peak_bytes(
     Returns
     -------
     dict[str, int]
-        Bytes of frozen_weights, lora_params, lora_grads, optimizer_state, activations, workspace, and total.
+        Bytes of frozen_weights, lora_params, lora_grads, optimizer_state, activations, weight_casts
+        (autocast's fp16 weight copies; 0 on the CPU), workspace, and total.
     """
     cal = calibration or Calibration()
     if optimizer not in OPTIMIZER_STATES:
@@ -326,6 +370,7 @@ def predict_peak_bytes(
         "lora_grads": lora * cal.adapter_bytes,
         "optimizer_state": OPTIMIZER_STATES[optimizer] * lora * cal.adapter_bytes,
         "activations": stored_layers * per_layer + lora_acts,
+        "weight_casts": round(stored_layers * model.linear_weights_per_layer() * cal.weight_cast_bytes),
         "workspace": round(cal.workspace_bytes + cal.workspace_layers * per_layer),
     }
     parts["total"] = sum(parts.values())
@@ -338,6 +383,8 @@ def _layer_activation_bytes(model: ModelShape, train: TrainShape, cal: Calibrati
     tokens, scores = b * s, b * model.num_heads * s * s
     if model.gated_ffn:
         inter = cal.act_intermediate_gated
+    elif cal.fp16_autocast and model.ffn_activation in FFN_ACTIVATION_SAVES_FP16_AUTOCAST:
+        inter = FFN_ACTIVATION_SAVES_FP16_AUTOCAST[model.ffn_activation]
     else:
         inter = cal.act_intermediate * FFN_ACTIVATION_SAVES.get(model.ffn_activation, 1.0)
     elements = cal.act_hidden * tokens * model.hidden + inter * tokens * model.intermediate + cal.act_attn * scores
@@ -498,7 +545,9 @@ class _Costs:
 
     def __init__(self, model: ModelShape, train: TrainShape, cal: Calibration, optimizer: str, ladder: list[int]):
         self.num_layers = model.num_layers
-        self.per_layer = _layer_activation_bytes(model, train, cal)
+        # What a layer that a gradient flows through stores: activations and autocast's weight copies.
+        casts = round(model.linear_weights_per_layer() * cal.weight_cast_bytes)
+        self.per_layer = _layer_activation_bytes(model, train, cal) + casts
         self.base = predict_peak_bytes(model, train, [0] * model.num_layers, optimizer, cal)["total"]
         # The cost of a rank in one layer, read off the full model: adapt only the top layer (which then
         # keeps its own activations) and subtract those.

@@ -155,13 +155,17 @@ def test_missing_split_stops_the_run_before_round_one(tiny_run_config: dict, tmp
 
 
 def _binding_tiers(cfg: Config) -> str:
-    """Two device tiers for the tiny model: one that holds only the top layer's adapter, one that holds all."""
+    """Two device tiers for the tiny model: one that holds only the top layer's adapter, one that holds all.
+
+    Priced with the calibration the server plans with: that of the device the clients train on."""
     from atlas_flwr.local import model_shape, train_shape
-    from strategies.memory import predict_peak_bytes
+    from atlas_flwr.train import pick_device
+    from strategies.memory import Calibration, predict_peak_bytes
 
     shape, step = model_shape(cfg), train_shape(cfg)
-    top_only = predict_peak_bytes(shape, step, [0] * (shape.num_layers - 1) + [cfg.lora_rank])["total"]
-    full = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers)["total"]
+    cal = Calibration.for_device(pick_device(cfg.device).type)
+    top_only = predict_peak_bytes(shape, step, [0] * (shape.num_layers - 1) + [cfg.lora_rank], calibration=cal)["total"]
+    full = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=cal)["total"]
     assert top_only < full
     return f"{(top_only + full) // 2}B,{2 * full}B"
 

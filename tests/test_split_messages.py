@@ -174,11 +174,13 @@ def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
 
 
 def test_split_rounds_compute_what_federated_rounds_compute(cfg_values: dict) -> None:
-    """Cutting the model changes where each step runs, not what it computes: dropout included."""
+    """Cutting the model changes where each step runs, not what it computes: dropout included.
+
+    On the CPU, where split halves run: a federated client with a GPU trains in fp16 autocast instead."""
     from atlas_flwr.client_app import app as client_app
     from atlas_flwr.server_app import run_federation
 
-    values = {**cfg_values, "tasks": "sst2,mrpc", "num-server-rounds": 2, "max-eval-samples": 8}
+    values = {**cfg_values, "tasks": "sst2,mrpc", "num-server-rounds": 2, "max-eval-samples": 8, "device": "cpu"}
     assert values["lora-dropout"] > 0  # and the tiny BERT's hidden and attention dropout are 0.1
     states = {}
     for split in ("none", "1"):
