@@ -28,7 +28,9 @@ def preflight(cfg: Config) -> None:
         # The CNN workload needs neither the language model nor GLUE: a machine may hold only EuroSAT.
         npz = cfg.resolved_eurosat_data()
         if npz and not Path(npz).is_file():
-            raise DataError(f"EuroSAT file {npz!r} not found: expected the npz of eurosat_rgb_jpeg.npz (data README)")
+            raise DataError(
+                f"EuroSAT file {npz!r} not found: expected eurosat_rgb_jpeg.npz (see the data README) or '' for the hub"
+            )
         return
     resolve_model(cfg.model)
     data_dir = cfg.resolved_data_dir()

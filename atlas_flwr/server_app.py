@@ -330,11 +330,13 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     rank_rows: list[dict[str, Any]] = []
     built: dict[tuple, tuple[State, State]] = {}
     for i, client in enumerate(clients):
+        # Split halves run on the CPU whatever the client has (split_server.plan_split prices them so too).
+        trains_on = "cpu" if cfg.split != "none" else client.device
         row: dict[str, Any] = {
             "client-id": client.client_id,
             "task": client.task,
             "device": client.device_profile,
-            "trains-on": client.device,
+            "trains-on": trains_on,
         }
         row["memory-budget-bytes"] = client.memory_bytes
         if switches.ranks == "budget":
@@ -346,7 +348,7 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
                     list(prints.importance[i]),
                     layers,
                     cfg.lora_rank,
-                    Calibration.for_device(client.device),
+                    Calibration.for_device(trains_on),
                 )
             except ValueError as err:
                 raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
@@ -358,7 +360,7 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
         else:
             initial[client.client_id] = uniform
             ranks = [cfg.lora_rank] * shape.num_layers
-            calibration = Calibration.for_device(client.device)
+            calibration = Calibration.for_device(trains_on)
             predicted, binding = predict_peak_bytes(shape, step, ranks, calibration=calibration)["total"], None
         row |= {
             "ranks-per-layer": " ".join(map(str, ranks)),

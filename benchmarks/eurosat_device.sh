@@ -9,6 +9,7 @@
 # Stage 2, carry .dev/npz.part-ab .dev/npz.part-ac:     benchmarks/eurosat_device.sh run SHA256 [precision ...]
 # Each run dir comes back as $OUT/<precision>-gpu.tar (without checkpoints), its log as $OUT/<precision>.log.
 set -euo pipefail
+[ "${1:-}" = setup ] || { [ "${1:-}" = run ] && [ -n "${2:-}" ]; } || { echo "usage: $0 setup | run SHA256 [precision ...]" >&2; exit 2; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 case "$1" in
   setup)

@@ -28,7 +28,7 @@ def precision_table(root: Path) -> list[str]:
     lines = [
         (
             "| run | where | rounds (stopped by) | test accuracy | best | MB down / up per round | "
-            "client train s per round | s per round | s end to end |"
+            "client train s (mean of clients) | s per round | s end to end |"
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]

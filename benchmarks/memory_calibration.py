@@ -3,7 +3,7 @@
 For each configuration (model family, batch, sequence length, per-layer ranks) a FRESH Python process builds
 the project's real classifier (``atlas_flwr.models.classifier.build_classifier``), runs a few steps of the
 project's real training loop (``atlas_flwr.train.train_local``: AdamW, forward, backward, ``optimizer.step``)
-on the CPU, and reports its peak memory; the parent compares it with the prediction.
+on the CPU (or, with ``--device cuda``, on the GPU), and reports its peak memory; the parent compares it with the prediction.
 
     python benchmarks/memory_calibration.py --out benchmarks/results/memory
     python benchmarks/memory_calibration.py --table          # the markdown table of the committed CSV
@@ -48,8 +48,8 @@ then keeps freed activation memory of one step resident into the next, and the p
 must stay under a budget in RSS terms needs the pinned malloc settings (or jemalloc/tcmalloc), or a margin.
 
 The prediction uses ``ModelShape.from_hf_config`` on the model's config with the project's LoRA targets
-(``atlas_flwr.models.registry.lora_targets``) and ``Calibration.for_device("cpu")`` (dropout masks are fp32
-tensors on the CPU). A rank-0 layer cannot be written as a ``LoraSettings.rank_pattern`` (PEFT rejects r=0):
+(``atlas_flwr.models.registry.lora_targets``) and ``Calibration.for_device(--device)`` (dropout masks are fp32
+tensors on the CPU, bool on CUDA). A rank-0 layer cannot be written as a ``LoraSettings.rank_pattern`` (PEFT rejects r=0):
 the child adds PEFT's ``exclude_modules`` for those layers to the project's ``lora_config``.
 """
 
@@ -111,7 +111,8 @@ CONFIGS = [
     ("minilm-b32-s64-hetero", "minilm-l6", 32, 64, [0, 16, 0, 8, 0, 4]),
     ("bert8L-b16-s128-r8", "bert-small-random", 16, 128, [8] * 8),
     ("gpt2-6L-b16-s128-hetero", "gpt2-small-random", 16, 128, [0, 0, 8, 8, 16, 16]),
-    # Added after the CUDA calibration was fitted (held out on both devices):
+    # Added after the CUDA calibration was fitted: minilm-b16-s256-r4 was measured on CUDA
+    # (results/memory-cuda/rerun.txt), neither on the CPU yet:
     ("minilm-b16-s256-r4", "minilm-l6", 16, 256, [4] * 6),
     ("gpt2-6L-b8-s256-r8", "gpt2-small-random", 8, 256, [8] * 6),
 ]
@@ -302,7 +303,12 @@ def count_saved_activation_bytes(model, inputs: dict, device=None) -> tuple[int,
 
     device = device or torch.device("cpu")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() >= 2}
+    # Only projection weights are cast by autocast (embedding tables are not): nn.Linear, GPT-2's Conv1D.
+    shapes = {
+        tuple(m.weight.shape)
+        for m in model.modules()
+        if type(m).__name__ in ("Linear", "Conv1D") and getattr(m, "weight", None) is not None
+    }
     seen: dict[int, int] = {}
     casts: dict[int, int] = {}
 
@@ -409,7 +415,9 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
         "measured_after_build": result["measured_after_build"],
         "method": METHOD_CUDA if args.device == "cuda" else METHOD,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "malloc": "pinned: " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+        "malloc": "n/a (CUDA allocator)"
+        if args.device == "cuda"
+        else "pinned: " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
         if args.malloc == "pinned"
         else "glibc default",
         "torch": torch.__version__,
@@ -440,6 +448,9 @@ def _with_prediction(row: dict, path: str, device: str) -> dict:
 def rescore(args) -> None:
     """Recompute OUT's predictions and workspace fit with the current calibration; measurements unchanged."""
     meta = json.loads((args.out / "memory.json").read_text())
+    measured_on = "cuda" if meta.get("method") == METHOD_CUDA else "cpu"
+    if measured_on != args.device:
+        raise SystemExit(f"{args.out} was measured on {measured_on}: rescore it with --device {measured_on}")
     with tempfile.TemporaryDirectory() as tmp:
         paths = prepare_models(Path(tmp))
         rows = [_with_prediction(row, paths[row["model"]], args.device) for row in meta["rows"]]

@@ -133,7 +133,7 @@ def main() -> None:
         "flwr-train-phase-seconds": [round(r["train-seconds"], 2) for r in flwr_run["rounds"]],
         "plain-client-train-seconds": [round(r["client-train"], 2) for r in plain["rounds"]],
         "flwr-client-train-seconds": [
-            round(r.get("client-train-seconds", float("nan")), 2) for r in flwr_run["rounds"]
+            (round(r["client-train-seconds"], 2) if "client-train-seconds" in r else None) for r in flwr_run["rounds"]
         ],
         "plain-eval-phase-seconds": [round(r["evaluate"], 2) for r in plain["rounds"]],
         "flwr-eval-phase-seconds": [round(r["eval-seconds"], 2) for r in flwr_run["rounds"]],

@@ -370,7 +370,8 @@ def predict_peak_bytes(
         "lora_grads": lora * cal.adapter_bytes,
         "optimizer_state": OPTIMIZER_STATES[optimizer] * lora * cal.adapter_bytes,
         "activations": stored_layers * per_layer + lora_acts,
-        "weight_casts": round(stored_layers * model.linear_weights_per_layer() * cal.weight_cast_bytes),
+        # Rounded per layer, as _Costs adds it, so the two stay equal to the byte.
+        "weight_casts": stored_layers * round(model.linear_weights_per_layer() * cal.weight_cast_bytes),
         "workspace": round(cal.workspace_bytes + cal.workspace_layers * per_layer),
     }
     parts["total"] = sum(parts.values())
