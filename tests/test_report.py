@@ -143,6 +143,15 @@ README_REPORTS = [
         "fedavg-cluster",
         "split-vs-federated",
     ),
+    (
+        [
+            f"benchmarks/results/protocol/{method}{seed}"
+            for method in ("atlas", "atlas-no-laplacian")
+            for seed in ("", "-s43")
+        ],
+        "atlas-no-laplacian",
+        "laplacian",
+    ),
 ]
 
 
