@@ -445,6 +445,18 @@ def _with_prediction(row: dict, path: str, device: str) -> dict:
     }
 
 
+def write_results(out: Path, meta: dict) -> None:
+    """``memory.json`` (everything) and ``memory.csv`` (the rows) in ``out``; print the table and the fit."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with (out / "memory.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(meta["rows"])
+    print(markdown(meta["rows"]))
+    print("workspace fit:", json.dumps(meta["workspace_fit"]))
+
+
 def rescore(args) -> None:
     """Recompute OUT's predictions and workspace fit with the current calibration; measurements unchanged."""
     meta = json.loads((args.out / "memory.json").read_text())
@@ -460,13 +472,7 @@ def rescore(args) -> None:
         "workspace_fit": fit_workspace(rows) if meta.get("workspace_fit") else {},
         "rescored": "python benchmarks/memory_calibration.py " + " ".join(sys.argv[1:]),
     }
-    (args.out / "memory.json").write_text(json.dumps(meta, indent=2) + "\n")
-    with (args.out / "memory.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(markdown(rows))
-    print("workspace fit:", json.dumps(meta["workspace_fit"]))
+    write_results(args.out, meta)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -522,7 +528,6 @@ def main() -> None:
                 flush=True,
             )
             rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python benchmarks/memory_calibration.py " + " ".join(sys.argv[1:]),
         "method": METHOD_CUDA if args.device == "cuda" else METHOD,
@@ -534,13 +539,7 @@ def main() -> None:
         "random_models": RANDOM_MODELS,
         "rows": rows,
     }
-    (args.out / "memory.json").write_text(json.dumps(meta, indent=2) + "\n")
-    with (args.out / "memory.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(markdown(rows))
-    print("workspace fit:", json.dumps(meta["workspace_fit"]))
+    write_results(args.out, meta)
 
 
 if __name__ == "__main__":
