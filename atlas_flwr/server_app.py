@@ -28,7 +28,14 @@ from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
-from atlas_flwr.split_server import SplitClient, plan_split, round_updates, run_split_round, start_round
+from atlas_flwr.split_server import (
+    SPLIT_DEVICE,
+    SplitClient,
+    plan_split,
+    round_updates,
+    run_split_round,
+    start_round,
+)
 from strategies.aggregation import LORA_A_SUFFIX, State
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, predict_peak_bytes
@@ -330,8 +337,7 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     rank_rows: list[dict[str, Any]] = []
     built: dict[tuple, tuple[State, State]] = {}
     for i, client in enumerate(clients):
-        # Split halves run on the CPU whatever the client has (split_server.plan_split prices them so too).
-        trains_on = "cpu" if cfg.split != "none" else client.device
+        trains_on = SPLIT_DEVICE if cfg.split != "none" else client.device
         row: dict[str, Any] = {
             "client-id": client.client_id,
             "task": client.task,

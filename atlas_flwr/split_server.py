@@ -40,6 +40,9 @@ from atlas_flwr.split_train import ServerSide
 from strategies.aggregation import State
 from strategies.pipeline import ClientInfo, Update
 
+#: Where split halves compute, whatever the client has: split_train places nothing on a device yet.
+SPLIT_DEVICE = "cpu"
+
 
 def split_adapter(adapter: State, cut: int) -> tuple[State, State]:
     """The bottom (blocks < cut) and top (blocks >= cut) parts of an adapter state."""
@@ -233,8 +236,7 @@ def plan_split(
     family = resolve_model(cfg.model).family
     planned, choices = [], []
     for client in clients:
-        # Split halves run on the CPU whatever the client has (no device placement in split_train yet).
-        calibration = Calibration.for_device("cpu")
+        calibration = Calibration.for_device(SPLIT_DEVICE)
         try:
             if cfg.split == "auto":
                 cut, parts = choose_split(shape, step, client.memory_bytes, ranks, calibration=calibration)
