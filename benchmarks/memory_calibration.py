@@ -389,28 +389,19 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: child failed\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    family, pred, layer = predict(path, batch, seq, ranks, args.device)
     import peft
     import torch
     import transformers
 
-    return {
+    measurement = {
         "config": name,
         "role": "fit" if name in FIT else "held-out",
-        "family": family,
         "model": model,
         "batch": batch,
         "seq_len": seq,
         "ranks": " ".join(map(str, ranks)),
-        **{f"pred_{k}": v for k, v in pred.items() if k != "total"},
-        "pred_layer_activations": layer,
-        "predicted": pred["total"],
         "measured": result["measured"],
-        "rel_error": round((pred["total"] - result["measured"]) / result["measured"], 4),
         "counted_activations": result["counted_activations"],
-        "activations_rel_error": round(
-            (pred["activations"] - result["counted_activations"]) / result["counted_activations"], 4
-        ),
         "counted_weight_casts": result["counted_weight_casts"],
         "measured_after_build": result["measured_after_build"],
         "method": METHOD_CUDA if args.device == "cuda" else METHOD,
@@ -427,6 +418,7 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
         "steps": args.steps,
         "seconds": result["seconds"],
     }
+    return _with_prediction(measurement, path, args.device)
 
 
 def _with_prediction(row: dict, path: str, device: str) -> dict:
