@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--app", type=Path, default=Path.cwd(), help="project directory (default: cwd)")
     parser.add_argument("--client-cpus", type=int, default=2, help="CPUs per simulated ClientApp (Ray)")
     parser.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per simulated ClientApp (Ray)")
+    parser.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        help="CPUs Ray may hand out (default: all); with --client-cpus it bounds how many ClientApps run at once",
+    )
     parser.add_argument("--check", action="store_true", help="validate the config, print it and exit")
     return parser
 
@@ -93,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the SuperLink context manager still stops its group.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        if args.ray_cpus is not None and args.ray_cpus < args.client_cpus:
+            raise AtlasError(
+                f"--ray-cpus {args.ray_cpus} is below --client-cpus {args.client_cpus}: no ClientApp could start"
+            )
         app = args.app.resolve()
         values = resolve_run_config(app, args.config, args.overrides)
         cfg = Config.from_run_config(values)
@@ -107,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "client_resources_num_cpus": args.client_cpus,
             "client_resources_num_gpus": args.client_gpus,
         }
+        if args.ray_cpus is not None:
+            federation["init_args_num_cpus"] = args.ray_cpus
         with LocalSuperLink() as link:
             print(f"atlas-run: SuperLink pid {link.process.pid} on port {link.port}", flush=True)
             run_id = stream_flwr_run(link, app, values, federation)

@@ -43,7 +43,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from atlas_flwr.cli import resolve_run_config
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.launch import LocalSuperLink, free_port, run_status, stop_family, stream_flwr_run, toml_value
+from atlas_flwr.launch import (
+    LocalSuperLink,
+    flower_tool,
+    free_port,
+    run_status,
+    stop_family,
+    stream_flwr_run,
+    toml_value,
+)
 from atlas_flwr.preflight import preflight
 
 CONNECTION = "atlas-deploy"  # the SuperLink connection's name in the per-run FLWR_HOME
@@ -52,8 +60,8 @@ DONE_FILE = "done"
 
 
 def _bin(name: str) -> str:
-    """A console script of this environment (the venv need not be on PATH, e.g. in a batch job)."""
-    return str(Path(sys.executable).with_name(name))
+    """A Flower console script (the venv need not be on PATH, e.g. in a batch job)."""
+    return flower_tool(name)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,21 @@ def run_config_arg(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
+def flower_tool(name: str) -> str:
+    """The path of a Flower console script (``flwr``, ``flower-superlink``).
+
+    The one beside this interpreter comes first, so a venv's own Flower is used even when the venv is
+    not activated; then ``PATH``, where ``pip install --user`` or ``--target`` puts scripts.
+    """
+    beside = Path(sys.executable).with_name(name)
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise AtlasError(f"Flower's {name!r} command is neither beside {sys.executable} nor on PATH: install flwr")
+    return found
+
+
 class LocalSuperLink(AbstractContextManager):
     """A simulation SuperLink on a free port, stopped (with all its children) on exit.
 
@@ -90,7 +106,7 @@ class LocalSuperLink(AbstractContextManager):
 
     def _command(self) -> list[str]:
         return [
-            str(Path(sys.executable).with_name("flower-superlink")),
+            flower_tool("flower-superlink"),
             *("--insecure", "--simulation", "--isolation", "subprocess"),
             *("--host", "127.0.0.1", "--port", str(self.port)),
             *("--database", str(self.workdir / "state.db"), "--disable-runtime-dependency-installation"),
@@ -122,7 +138,7 @@ class LocalSuperLink(AbstractContextManager):
 
     def flwr(self, *args: str, capture: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this SuperLink."""
-        command = [str(Path(sys.executable).with_name("flwr")), *args]
+        command = [flower_tool("flwr"), *args]
         return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, check=False)
 
 
@@ -172,7 +188,7 @@ def stream_flwr_run(
     args += ["--run-config", run_config_arg(run_config)]
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())]
-    command = [str(Path(sys.executable).with_name("flwr")), *args]
+    command = [flower_tool("flwr"), *args]
     run_id = None
     with subprocess.Popen(
         command, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

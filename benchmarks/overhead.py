@@ -1,13 +1,16 @@
 """Framework overhead: the same rounds in a plain PyTorch/PEFT loop and through ``flwr run`` (simulation).
 
-    python benchmarks/overhead.py --out benchmarks/results/overhead     # about 5 min on 2 cores
+    python benchmarks/overhead.py --out benchmarks/results/overhead             # about 5 min on 2 cores
+    python benchmarks/overhead.py --threads 1 --out benchmarks/results/overhead/threads-1
 
 Both sides run the same FedAvg rounds of the same clients with the same functions: every client trains
 with ``atlas_flwr.local.run_train`` (PEFT LoRA on MiniLM-L6, seeded per client and round), the server
 aggregates with ``strategies.pipeline.PersonalizedPipeline`` and evaluates with ``atlas_flwr.local.run_evaluate``
 once per group of identical models. The plain loop calls them directly, one client after the other, in one
-process; ``flwr run`` (``atlas-run``, one ClientApp at a time with 2 CPUs, as the plain loop has) moves every
-adapter and head through Flower messages. Compared: the rounds' wall time (the plain loop's against the sum of
+process, with ``--threads`` torch threads; ``flwr run`` (``atlas-run``) moves every adapter and head through
+Flower messages, with one ClientApp at a time (Ray is given exactly ``--threads`` CPUs, one client's worth)
+and ``OMP_NUM_THREADS=--threads`` in it. Whatever else the machine has (the SuperLink, the ServerApp, Ray's
+own processes) runs beside. Compared: the rounds' wall time (the plain loop's against the sum of
 ``round-seconds`` in ``rounds.json``; goal: ratio <= 1.15), and the share of the server's own phases
 (aggregation; the rest of a round is the clients' training and evaluation and the messages) in the round time
 (goal <= 2%). Start-up (SuperLink, Ray, the first model load) is reported separately.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -36,8 +40,11 @@ SETTING = {
 }
 
 
-def plain_loop(values: dict) -> dict:
+def plain_loop(values: dict, threads: int) -> dict:
     """The rounds without Flower: train, aggregate, evaluate, timed per phase."""
+    import torch
+
+    torch.set_num_threads(threads)
     from atlas_flwr.config import Config
     from atlas_flwr.local import client_data, initial_state, run_evaluate, run_train
     from atlas_flwr.records import to_numpy
@@ -83,37 +90,58 @@ def plain_loop(values: dict) -> dict:
     return {"rounds": rounds}
 
 
-def flower(values: dict, out: Path) -> dict:
+def flower(values: dict, out: Path, threads: int) -> dict:
     """The same rounds through atlas-run; round times from rounds.json."""
-    command = [str(Path(sys.executable).with_name("atlas-run")), "--client-cpus", "2"]
+    gpus = "1" if values["device"] == "cuda" else "0"
+    # Ray gets one client's CPUs, so ClientApps run one at a time, as in the plain loop.
+    command = [sys.executable, "-m", "atlas_flwr.cli", "--client-cpus", str(threads), "--ray-cpus", str(threads)]
+    command += ["--client-gpus", gpus]
     for key, value in {**values, "output-dir": str(out), "run-name": "flwr"}.items():
         if key != "data-dir":
             command += ["--set", f"{key}={json.dumps(value)}"]
     subprocess.run(["rm", "-rf", str(out / "flwr")], check=True)
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     start = time.perf_counter()
-    subprocess.run(
-        command, cwd=ROOT, check=True, env={**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    )
+    subprocess.run(command, cwd=ROOT, check=True, env=env)
     wall = time.perf_counter() - start
     rows = json.loads((out / "flwr" / "rounds.json").read_text())
     summary = json.loads((out / "flwr" / "summary.json").read_text())
     return {"end-to-end": wall, "plan-seconds": summary["plan-seconds"], "rounds": rows}
 
 
+def machine(device: str) -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    info = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (and Ray CPUs) of the one client")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the clients train")
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: expected an integer >= 1")
+    # The same thread environment on both sides, set before torch loads here: Ray sets OMP_NUM_THREADS in its
+    # workers, and OpenMP reads it (with its spin-wait defaults) at start-up, not on torch.set_num_threads.
+    os.environ |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    assert "torch" not in sys.modules
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     from atlas_flwr.cli import resolve_run_config
 
     values = resolve_run_config(ROOT, None, [f"{k}={json.dumps(v)}" for k, v in SETTING.items()])
     values["output-dir"] = str(out)
+    values["device"] = args.device
     t0 = time.perf_counter()
-    plain = plain_loop(values)
+    plain = plain_loop(values, args.threads)
     plain["end-to-end"] = time.perf_counter() - t0
-    flwr_run = flower(values, out)
+    flwr_run = flower(values, out, args.threads)
     plain_rounds = sum(r["total"] for r in plain["rounds"])
     flwr_rounds = sum(r["round-seconds"] for r in flwr_run["rounds"])
     server = sum(r["aggregate-seconds"] for r in flwr_run["rounds"])
@@ -122,6 +150,9 @@ def main() -> None:
     steady_flwr = sum(r["round-seconds"] for r in flwr_run["rounds"][1:])
     result = {
         "setting": SETTING,
+        "threads": args.threads,
+        "device": args.device,
+        "machine": machine(args.device),
         "plain-round-seconds": [round(r["total"], 2) for r in plain["rounds"]],
         "flwr-round-seconds": [round(r["round-seconds"], 2) for r in flwr_run["rounds"]],
         "ratio-all-rounds": round(flwr_rounds / plain_rounds, 3),

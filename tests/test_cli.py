@@ -42,6 +42,7 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
         (["--set", "nonsense"], "is not key=value"),
         (["--set", "resume-from='/nonexistent/run'"], "resume-from '/nonexistent/run' holds no checkpoint"),
         (["--set", "min-clients=20"], "'min-clients' = 20 is not allowed: expected an integer <= the 8 clients"),
+        (["--ray-cpus", "1", "--client-cpus", "2"], "--ray-cpus 1 is below --client-cpus 2"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, monkeypatch) -> None:
@@ -49,3 +50,23 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, 
     assert main([*args, "--check", "--app", str(ROOT)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err, err
+
+
+def test_flower_tool_prefers_the_interpreters_own_then_path_then_names_what_is_missing(tmp_path, monkeypatch) -> None:
+    from atlas_flwr.errors import AtlasError
+    from atlas_flwr.launch import flower_tool
+
+    venv_bin, on_path = tmp_path / "venv" / "bin", tmp_path / "target" / "bin"
+    for folder in (venv_bin, on_path):
+        folder.mkdir(parents=True)
+        (folder / "flwr").write_text("#!/bin/sh\n")
+        (folder / "flwr").chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(venv_bin / "python3"))
+    monkeypatch.setenv("PATH", str(on_path))
+    assert flower_tool("flwr") == str(venv_bin / "flwr")
+    # pip install --target: the scripts are on PATH, not beside the interpreter.
+    (venv_bin / "flwr").unlink()
+    assert flower_tool("flwr") == str(on_path / "flwr")
+    (on_path / "flwr").unlink()
+    with pytest.raises(AtlasError, match="'flwr' command is neither beside .* nor on PATH"):
+        flower_tool("flwr")
