@@ -138,7 +138,7 @@ README_REPORTS = [
         [
             f"benchmarks/results/protocol/fedavg-cluster{split}{seed}"
             for split in ("", "+split-auto")
-            for seed in ("", "-s43")
+            for seed in ("", "-s43", "-s44")
         ],
         "fedavg-cluster",
         "split-vs-federated",
@@ -147,7 +147,7 @@ README_REPORTS = [
         [
             f"benchmarks/results/protocol/{method}{seed}"
             for method in ("atlas", "atlas-no-laplacian")
-            for seed in ("", "-s43")
+            for seed in ("", "-s43", "-s44")
         ],
         "atlas-no-laplacian",
         "laplacian",
@@ -214,4 +214,16 @@ def test_the_readme_split_cuts_table_is_the_committed_one() -> None:
     readme = (root / "README.md").read_text()
     assert readme == update_section(readme, "split-cuts", module.table(rows)), (
         "README is out of date: run python benchmarks/split_cuts.py --table benchmarks/results/split --readme README.md"
+    )
+
+
+def test_the_readme_overhead_table_is_the_committed_results() -> None:
+    from atlas_flwr.report import update_section
+
+    root = Path(__file__).resolve().parents[1]
+    body = _benchmark("overhead_table").table(root / "benchmarks/results/overhead")
+    assert "16 cores, NVIDIA H200" in body and "2 cores, CPU, 1 thread(s)" in body
+    readme = (root / "README.md").read_text()
+    assert readme == update_section(readme, "overhead", body), (
+        "README is out of date: run python benchmarks/overhead_table.py --readme README.md"
     )
