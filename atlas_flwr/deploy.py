@@ -59,11 +59,6 @@ FEDERATION_FILE = "federation.json"
 DONE_FILE = "done"
 
 
-def _bin(name: str) -> str:
-    """A Flower console script (the venv need not be on PATH, e.g. in a batch job)."""
-    return flower_tool(name)
-
-
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -206,7 +201,7 @@ class TLSSuperLink(LocalSuperLink):
 
     def _command(self) -> list[str]:
         return [
-            _bin("flower-superlink"),
+            flower_tool("flower-superlink"),
             *("--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"])),
             *("--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth"),
             *("--isolation", "subprocess", "--host", self.host, "--port", str(self.port)),
@@ -258,7 +253,7 @@ def supernode_command(workdir: Path, index: int) -> list[str]:
     if not 0 <= index < fed["num-supernodes"]:
         raise AtlasError(f"--index {index} is invalid: expected 0..{fed['num-supernodes'] - 1}")
     return [
-        _bin("flower-supernode"),
+        flower_tool("flower-supernode"),
         *("--superlink", fed["address"], "--root-certificates", fed["ca"]),
         *("--auth-supernode-private-key", str(workdir / "keys" / f"node-{index}.key")),
         *("--node-config", fed["node-configs"][index]),

@@ -40,11 +40,8 @@ SETTING = {
 }
 
 
-def plain_loop(values: dict, threads: int) -> dict:
+def plain_loop(values: dict) -> dict:
     """The rounds without Flower: train, aggregate, evaluate, timed per phase."""
-    import torch
-
-    torch.set_num_threads(threads)
     from atlas_flwr.config import Config
     from atlas_flwr.local import client_data, initial_state, run_evaluate, run_train
     from atlas_flwr.records import to_numpy
@@ -139,7 +136,7 @@ def main() -> None:
     values["output-dir"] = str(out)
     values["device"] = args.device
     t0 = time.perf_counter()
-    plain = plain_loop(values, args.threads)
+    plain = plain_loop(values)
     plain["end-to-end"] = time.perf_counter() - t0
     flwr_run = flower(values, out, args.threads)
     plain_rounds = sum(r["total"] for r in plain["rounds"])

@@ -25,7 +25,8 @@ case "${1:-}" in
     pip_target /tmp/site .whl/*.whl .ovh/extra/*.whl || exit 1
     mkdir -p /tmp/ovh && cp .ovh/ray.part-aa /tmp/ovh/
     nproc; nvidia-smi -L
-    python3 -c "import flwr.server.app, sqlalchemy, alembic, fastapi, uvicorn, jsonschema, peft, datasets, flwr_datasets"
+    python3 -c "import flwr.serverapp, flwr.clientapp, sqlalchemy, alembic, fastapi, uvicorn, jsonschema, peft, datasets, flwr_datasets" ||
+      exit 1
     flower-superlink --help | head -3
     ;;
   run)
