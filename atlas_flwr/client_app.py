@@ -102,7 +102,10 @@ def train(message: Message, context: Context) -> Message:
     if cfg.inject_failures and injected_failure(cfg.seed, client_id, server_round, cfg.inject_failures):
         raise AtlasError(f"injected failure (inject-failures = {cfg.inject_failures}) in round {server_round}")
     adapter, head = _states(message, cfg.precision)
-    new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head)
+    frozen = {m for m in str(message.content.config_records["config"].get("frozen-modules", "")).split(",") if m}
+    new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head, frozen)
+    # Only what was trained goes back: the frozen modules are the server's own.
+    adapter = {k: v for k, v in adapter.items() if k.rsplit(".lora_", 1)[0] not in frozen}
     log(INFO, "client %d round %d: %s", client_id, server_round, result.summary())
     metrics = MetricRecord(
         {

@@ -16,7 +16,7 @@ from typing import Any
 
 from atlas_flwr.errors import ConfigError
 
-STRATEGIES = ("local-only", "fedavg", "fedavg-cluster", "atlas-no-laplacian", "atlas")
+STRATEGIES = ("centralized", "local-only", "fedavg", "fedavg-cluster", "atlas-no-laplacian", "atlas")
 #: The phase switches; "preset" takes the value from ``strategy`` (see ``strategies.pipeline.PRESETS``).
 CLUSTERINGS = ("preset", "none", "learned", "oracle")
 RANK_MODES = ("preset", "uniform", "budget")
@@ -32,6 +32,10 @@ WORKLOADS = ("glue", "eurosat")
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Learning rate per round: constant, or cosine from ``lr`` to ``lr / 100`` over ``num-server-rounds``.
 LR_SCHEDULES = ("constant", "cosine")
+#: What a budget-bound client does with the layers its budget cannot train: hold and use them frozen, or drop them.
+FROZEN_LAYERS = ("use", "drop")
+#: How re-factored adapters are split into B and A (strategies.aggregation.FACTOR_SPLITS).
+FACTOR_SPLITS = ("balanced", "a-orthonormal")
 
 #: Environment variables that stand in for an empty ``data-dir`` / ``output-dir``.
 DATA_DIR_ENV = "ATLAS_DATA_DIR"
@@ -114,6 +118,9 @@ _RULES: dict[str, _Rule] = {
     "ranks": _choice(*RANK_MODES),
     "aggregation": _choice(*AGGREGATIONS),
     "laplacian-eta": _float_in(0.0, 1.0),
+    "frozen-layers": _choice(*FROZEN_LAYERS),
+    "server-lr": _float_in(0.0, 10.0, open_low=True),
+    "factor-split": _choice(*FACTOR_SPLITS),
     "fingerprint-kind": _choice(*FINGERPRINT_KINDS),
     "fingerprint-rows": _int_at_least(2),
     "fingerprint-dim": _int_at_least(2),
@@ -188,6 +195,9 @@ class Config:
     ranks: str
     aggregation: str
     laplacian_eta: float
+    frozen_layers: str
+    server_lr: float
+    factor_split: str
     fingerprint_kind: str
     fingerprint_rows: int
     fingerprint_dim: int
@@ -245,6 +255,11 @@ class Config:
         if not 0 <= client_id < self.num_clients:
             raise ConfigError("partition-id", client_id, f"an integer in [0, {self.num_clients})")
         return self.tasks[client_id // self.clients_per_task], client_id % self.clients_per_task
+
+    @property
+    def pooled(self) -> bool:
+        """The centralized reference: each task's first client trains on the union of the task's rows."""
+        return self.strategy == "centralized"
 
     @property
     def pad_to(self) -> int | None:

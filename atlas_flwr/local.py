@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,6 +20,7 @@ from atlas_flwr.data import (
     task_spec,
     tokenize,
 )
+from atlas_flwr.errors import AtlasError
 from atlas_flwr.fingerprint import (
     Fingerprint,
     FingerprintSettings,
@@ -73,16 +75,22 @@ def client_data(cfg: Config, client_id: int) -> ClientData:
     spec = task_spec(task)
     tokenizer = load_tokenizer(cfg.model)
     data_dir = cfg.resolved_data_dir()
-    rows = client_partition(
-        task,
-        index,
-        cfg.clients_per_task,
-        data_dir=data_dir,
-        partitioner=cfg.partitioner,
-        alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
-        max_samples=cfg.max_samples_per_client,
-    )
+    # The centralized reference pools every client's rows of the task on the task's first client.
+    indices = range(cfg.clients_per_task) if cfg.pooled and index == 0 else [index]
+    parts = [
+        client_partition(
+            task,
+            i,
+            cfg.clients_per_task,
+            data_dir=data_dir,
+            partitioner=cfg.partitioner,
+            alpha=cfg.dirichlet_alpha,
+            seed=cfg.seed,
+            max_samples=cfg.max_samples_per_client,
+        )
+        for i in indices
+    ]
+    rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     train = tokenize(rows, spec, tokenizer, cfg.max_length)
     evals = tokenize(
         eval_rows(task, data_dir=data_dir, max_samples=cfg.max_eval_samples, seed=cfg.seed),
@@ -142,11 +150,26 @@ def loaded_model(cfg: Config, task: str, adapter: State, head: State) -> Sequenc
 
 
 def run_train(
-    cfg: Config, client_id: int, server_round: int, adapter: State, head: State
+    cfg: Config,
+    client_id: int,
+    server_round: int,
+    adapter: State,
+    head: State,
+    frozen: Collection[str] = frozenset(),
 ) -> tuple[dict, dict, TrainResult]:
-    """Train from the given adapter and head; seeded by (seed, client, round)."""
+    """Train from the given adapter and head; seeded by (seed, client, round).
+
+    The modules in ``frozen`` take part in the forward pass but are not trained, and are left out of
+    the returned adapter. Below the first trained layer no gradient flows, so they store nothing for it.
+    """
     data = client_data(cfg, client_id)
     model = loaded_model(cfg, data.task, adapter, head)
+    unknown = set(frozen) - set(module_ranks(adapter))
+    if unknown:
+        raise AtlasError(f"frozen module {min(unknown)!r} is not in the received adapter")
+    for name, param in model.backbone.named_parameters():
+        if ".lora_" in name and name.split(".lora_")[0] in frozen:
+            param.requires_grad_(False)
     seed = seed_for(cfg.seed, client_id, server_round)
     torch.manual_seed(seed)  # LoRA dropout and head dropout
     loader = make_loader(
@@ -168,7 +191,8 @@ def run_train(
         weight_decay=cfg.weight_decay,
         device=pick_device(cfg.device),
     )
-    return adapter_state(model), head_state(model), result
+    trained = {k: v for k, v in adapter_state(model).items() if k.rsplit(".lora_", 1)[0] not in frozen}
+    return trained, head_state(model), result
 
 
 def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> dict[str, float]:

@@ -29,7 +29,15 @@ import numpy as np
 
 MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "cola": "mcc", "qnli": "accuracy", "rte": "accuracy"}
 #: Run-config keys that make a run a variant of its strategy's preset, with their default values.
-SWITCHES = {"clustering": "preset", "ranks": "preset", "aggregation": "preset", "split": "none", "precision": "fp32"}
+SWITCHES = {
+    "clustering": "preset",
+    "ranks": "preset",
+    "aggregation": "preset",
+    "split": "none",
+    "precision": "fp32",
+    "server-lr": 1.0,
+    "factor-split": "balanced",
+}
 
 
 @dataclass(frozen=True)

@@ -120,11 +120,13 @@ def _content(
     strategy: PersonalizedPipeline, client: ClientInfo, server_round: int, precision: str = "fp32"
 ) -> RecordDict:
     adapter, head = strategy.state_for(client.client_id)
+    # Modules the client uses but must not train (its budget does not cover them), comma-joined.
+    frozen = ",".join(sorted(strategy.frozen[client.client_id]))
     return RecordDict(
         {
             "adapter": to_wire_record(adapter, precision),
             "head": to_wire_record(head, precision),
-            "config": ConfigRecord({"server-round": server_round}),
+            "config": ConfigRecord({"server-round": server_round, "frozen-modules": frozen}),
         }
     )
 
@@ -306,6 +308,7 @@ class Plan:
     adjacency: np.ndarray | None
     clusters: dict[str, Any]
     ranks: list[dict[str, Any]]
+    frozen: dict[int, list[str]]  # per client, the modules it holds and uses but does not train
 
 
 def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], switches: Switches) -> Plan:
@@ -334,6 +337,8 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     shape, step = model_shape(cfg), train_shape(cfg)
     layers = modules_per_layer(uniform[0])
     initial: dict[int, tuple[State, State]] = {}
+    frozen: dict[int, list[str]] = {}
+    frozen_rank = cfg.lora_rank if cfg.frozen_layers == "use" else 0
     rank_rows: list[dict[str, Any]] = []
     built: dict[tuple, tuple[State, State]] = {}
     for i, client in enumerate(clients):
@@ -355,12 +360,16 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
                     layers,
                     cfg.lora_rank,
                     Calibration.for_device(trains_on),
+                    frozen_rank,
                 )
             except ValueError as err:
                 raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
-            key = tuple(sorted(pattern.items()))
+            # What the budget cannot train is held at the run's rank, frozen (frozen-layers = use), or dropped.
+            held = {m: pattern.get(m, frozen_rank) for layer in layers for m in layer if m in pattern or frozen_rank}
+            frozen[client.client_id] = sorted(set(held) - set(pattern))
+            key = tuple(sorted(held.items()))
             if key not in built:
-                built[key] = tuple(to_numpy(t) for t in initial_state(cfg, pattern))
+                built[key] = tuple(to_numpy(t) for t in initial_state(cfg, held))
             initial[client.client_id] = built[key]
             ranks, predicted, binding = allocation.ranks, allocation.predicted["total"], allocation.binding
         else:
@@ -374,12 +383,13 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
             "predicted-peak-bytes": int(predicted),
             "fits-budget": bool(client.memory_bytes == 0 or predicted <= client.memory_bytes),
             "budget-binds": binding,
+            "frozen-modules": len(frozen.get(client.client_id, ())),
         }
         if prints is not None:
             row["importance"] = " ".join(f"{x:.3g}" for x in prints.importance[i])
         rank_rows.append(row)
     members = [Member(c.client_id, c.task, g) for c, g in zip(clients, groups, strict=True)]
-    return Plan(members, initial, adjacency, clusters, rank_rows)
+    return Plan(members, initial, adjacency, clusters, rank_rows, frozen)
 
 
 def collect_updates(
@@ -388,7 +398,9 @@ def collect_updates(
     """Decode the train replies that can be aggregated; log and count the rejected ones."""
     updates, rejected = [], 0
     for client, msg in ok:
-        held = tuple(held_by_client(s, precision) for s in strategy.state_for(client.client_id))
+        adapter, head = strategy.state_for(client.client_id)
+        # A client sends back only what it trains: its frozen modules are not part of its update.
+        held = tuple(held_by_client(s, precision) for s in (strategy.trained_part(client.client_id, adapter), head))
         try:
             updates.append(decode_train_reply(client, msg, held, precision))
         except ValueError as err:
@@ -407,6 +419,8 @@ def _train_federated(
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Train messages to every client, validated replies folded into the strategy."""
     timeout = cfg.reply_timeout_seconds or None
+    trainers = set(strategy.trainers())
+    clients = [c for c in clients if c.client_id in trainers]
     ok, train_io = _send(grid, clients, strategy, "train", server_round, timeout, cfg.precision)
     t1 = time.perf_counter()
     replies, rejected = collect_updates(ok, strategy, server_round, cfg.precision)
@@ -478,7 +492,8 @@ def _plan_from_checkpoint(ckpt: Checkpoint, clients: Sequence[ClientInfo]) -> Pl
         raise AtlasError(f"resume-from: the checkpoint's clients {saved} differ from the connected ones {now}")
     initial = {m.client_id: (ckpt.adapters.get(m.client_id, {}), ckpt.heads[m.client_id]) for m in members}
     adjacency = None if meta["adjacency"] is None else np.asarray(meta["adjacency"], dtype=np.float64)
-    return Plan(members, initial, adjacency, meta["clusters"], meta["ranks"])
+    frozen = {int(k): list(v) for k, v in meta.get("frozen", {}).items()}
+    return Plan(members, initial, adjacency, meta["clusters"], meta["ranks"], frozen)
 
 
 def _checkpoint_meta(
@@ -494,6 +509,7 @@ def _checkpoint_meta(
         "members": [{"client-id": m.client_id, "task": m.task, "group": m.group} for m in plan.members],
         "clusters": plan.clusters,
         "ranks": plan.ranks,
+        "frozen": {str(k): v for k, v in plan.frozen.items()},
         "adjacency": None if plan.adjacency is None else plan.adjacency.tolist(),
         "evals": {str(k): v for k, v in evals.items()},
         "last-train": {str(k): v for k, v in last_train.items()},
@@ -532,7 +548,16 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     t_plan = time.perf_counter()
     plan = plan_federation(grid, cfg, clients, switches) if ckpt is None else _plan_from_checkpoint(ckpt, clients)
     strategy = PersonalizedPipeline(
-        cfg.strategy, switches, plan.members, plan.initial, cfg.lora_alpha, plan.adjacency, cfg.laplacian_eta
+        cfg.strategy,
+        switches,
+        plan.members,
+        plan.initial,
+        cfg.lora_alpha,
+        plan.adjacency,
+        cfg.laplacian_eta,
+        server_lr=cfg.server_lr,
+        factor_split=cfg.factor_split,
+        frozen=plan.frozen,
     )
     writer.write_json("clusters.json", plan.clusters)
     writer.write_table("ranks", plan.ranks)
@@ -653,6 +678,8 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
                 "ranks": switches.ranks,
                 "aggregation": switches.aggregation,
                 "laplacian-eta": strategy.eta,
+                "server-lr": strategy.server_lr,
+                "factor-split": strategy.factor_split,
             },
             "clusters-k": plan.clusters["k"],
             "clusters-ari": plan.clusters.get("ari-vs-declared-tasks"),

@@ -156,10 +156,22 @@ def lowrank_sum(factors: Sequence[Factor], weights: Sequence[float]) -> LowRank:
     return LowRank(q_b @ u_core, s, vt_core @ q_a.T)
 
 
-def to_factors(lowrank: LowRank, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:
+#: How a re-factored update is split into PEFT factors (run config ``factor-split``).
+FACTOR_SPLITS = ("balanced", "a-orthonormal")
+
+#: Row norm of an A that PEFT initialises (kaiming_uniform with a = sqrt(5): entries U(-1/sqrt(l), 1/sqrt(l)),
+#: so each row has norm sqrt(1/3) whatever l). ``a-orthonormal`` gives A this row norm.
+LORA_A_INIT_ROW_NORM = float(np.sqrt(1.0 / 3.0))
+
+
+def to_factors(lowrank: LowRank, rank: int, scaling: float, split: str = "balanced") -> tuple[np.ndarray, np.ndarray]:
     """Best rank-``rank`` approximation of ``lowrank`` as PEFT factors ``(B, A)`` with ``scaling * B @ A``.
 
-    ``sqrt(S / scaling)`` is split evenly between B and A, so neither factor dominates the next local step.
+    ``balanced`` splits ``sqrt(S / scaling)`` evenly between B and A. ``a-orthonormal`` makes A the top right
+    singular vectors at PEFT's initial row norm and puts the singular values in B: the shape LoRA starts
+    from (A a well-scaled basis, B carrying the update). Early in training the singular values are small, and
+    a balanced split then shrinks A too; since a step on B moves ``dW`` by ``dB @ A``, the next local round
+    learns far more slowly. Both splits give the same product.
 
     Parameters
     ----------
@@ -170,6 +182,8 @@ def to_factors(lowrank: LowRank, rank: int, scaling: float) -> tuple[np.ndarray,
         shapes are always (d, rank) and (rank, l).
     scaling : float
         The target's LoRA scaling (alpha / rank, or alpha / sqrt(rank) with rsLoRA), > 0.
+    split : str
+        ``balanced`` or ``a-orthonormal`` (see above).
 
     Returns
     -------
@@ -178,12 +192,18 @@ def to_factors(lowrank: LowRank, rank: int, scaling: float) -> tuple[np.ndarray,
     """
     d, l = lowrank.U.shape[0], lowrank.Vt.shape[1]
     _check_targets([rank], [scaling], d, l)
+    if split not in FACTOR_SPLITS:
+        raise ValueError(f"unknown factor split {split!r}: expected one of {', '.join(FACTOR_SPLITS)}")
     k = min(rank, len(lowrank.S))
-    root = np.sqrt(lowrank.S[:k] / scaling)
+    if split == "balanced":
+        b_scale = a_scale = np.sqrt(lowrank.S[:k] / scaling)
+    else:
+        a_scale = np.full(k, LORA_A_INIT_ROW_NORM)
+        b_scale = lowrank.S[:k] / (scaling * LORA_A_INIT_ROW_NORM)
     b = np.zeros((d, rank))
     a = np.zeros((rank, l))
-    b[:, :k] = lowrank.U[:, :k] * root
-    a[:k] = root[:, None] * lowrank.Vt[:k]
+    b[:, :k] = lowrank.U[:, :k] * b_scale
+    a[:k] = a_scale[:, None] * lowrank.Vt[:k]
     return b, a
 
 
@@ -512,3 +532,88 @@ def aggregate_states(
             out[module + LORA_A_SUFFIX] = a.astype(np.float32)
             out[module + LORA_B_SUFFIX] = b.astype(np.float32)
     return outputs
+
+
+def refactor_state(state: State, alpha: float, split: str, use_rslora: bool = False) -> dict[str, np.ndarray]:
+    """Every module's factors re-split by :func:`to_factors` at the same rank: ``s B A`` is unchanged.
+
+    Parameters
+    ----------
+    state : dict[str, ndarray]
+        A PEFT adapter state (LoRA factors only).
+    alpha : float
+        ``lora_alpha``.
+    split : str
+        One of :data:`FACTOR_SPLITS`.
+    use_rslora : bool
+        Whether the adapter uses rsLoRA scaling.
+
+    Returns
+    -------
+    dict[str, ndarray]
+        The same keys and shapes, in the input dtype.
+    """
+    out: dict[str, np.ndarray] = {}
+    for module in lora_modules([state]):
+        ((b, a, s),) = module_factors([state], module, alpha, use_rslora)
+        new_b, new_a = to_factors(lowrank_sum([(b, a, s)], [1.0]), a.shape[0], s, split)
+        out[module + LORA_A_SUFFIX] = new_a.astype(state[module + LORA_A_SUFFIX].dtype)
+        out[module + LORA_B_SUFFIX] = new_b.astype(state[module + LORA_B_SUFFIX].dtype)
+    return out
+
+
+#: Where a server step moves an adapter: its factors (methods that average factors) or dW (methods that
+#: aggregate products).
+STEP_SPACES = ("factors", "dw")
+
+
+def server_step(
+    old: State, new: State, lr: float, alpha: float, space: str, use_rslora: bool = False
+) -> dict[str, np.ndarray]:
+    """FedOpt's server SGD step on one client's update: ``old + lr * (new - old)``.
+
+    Averaged over a group this is ``mean_old + lr * mean(new - old)``: ``lr = 1`` is plain averaging, and
+    ``lr > 1`` undoes the shrinkage that averaging clients' steps causes (n IID clients that each took
+    t steps move the average about as far as one client's t steps, not n t).
+
+    Parameters
+    ----------
+    old, new : dict[str, ndarray]
+        A client's adapter before and after its local round: the same keys and shapes.
+    lr : float
+        Server learning rate, > 0.
+    alpha : float
+        ``lora_alpha``.
+    space : str
+        ``factors``: the step on each tensor (an element-wise extrapolation). ``dw``: on each module's
+        ``dW = s B A``, exactly: the result holds ``[new | old]`` stacked to rank ``r_new + r_old`` with
+        coefficients ``lr`` and ``1 - lr``, for a dW-space aggregation to truncate to the target ranks.
+    use_rslora : bool
+        Whether the adapters use rsLoRA scaling.
+
+    Returns
+    -------
+    dict[str, ndarray]
+        The stepped state (twice the rank of ``new`` per module for ``dw`` unless ``lr = 1``).
+    """
+    if not np.isfinite(lr) or lr <= 0:
+        raise ValueError(f"server lr must be finite and > 0: got {lr}")
+    if space not in STEP_SPACES:
+        raise ValueError(f"unknown step space {space!r}: expected one of {', '.join(STEP_SPACES)}")
+    if set(old) != set(new):
+        raise ValueError(f"old and new states differ in keys {sorted(set(old) ^ set(new))[:3]}")
+    if lr == 1.0:
+        return dict(new)
+    if space == "factors":
+        return {k: (old[k] + lr * (np.asarray(new[k], np.float64) - old[k])).astype(new[k].dtype) for k in new}
+    out: dict[str, np.ndarray] = {}
+    for module in lora_modules([new]):
+        (b_new, a_new, s_new), (b_old, a_old, s_old) = (
+            module_factors([x], module, alpha, use_rslora)[0] for x in (new, old)
+        )
+        rank = a_new.shape[0] + a_old.shape[0]
+        s_cat = lora_scaling(alpha, rank, use_rslora)
+        b_cat = np.hstack([b_new * (lr * s_new / s_cat), b_old * ((1.0 - lr) * s_old / s_cat)])
+        out[module + LORA_A_SUFFIX] = np.vstack([a_new, a_old]).astype(new[module + LORA_A_SUFFIX].dtype)
+        out[module + LORA_B_SUFFIX] = b_cat.astype(new[module + LORA_B_SUFFIX].dtype)
+    return out

@@ -325,8 +325,14 @@ def predict_peak_bytes(
     ranks_per_layer: RankSpec,
     optimizer: str = "adamw",
     calibration: Calibration | None = None,
+    frozen_rank: int = 0,
 ) -> dict[str, int]:
     """Predicted peak memory of one LoRA training step, by component.
+
+    With ``frozen_rank`` > 0 every target of rank 0 holds a frozen adapter of that rank (``frozen-layers =
+    use``): its parameters count, but no gradient or optimizer state. Below the first trained layer no
+    gradient flows, so it keeps nothing for backward; above it, its LoRA-dropout mask (the frozen
+    ``lora_A`` and ``lora_B`` need only their weights to pass the gradient on).
 
     Parameters
     ----------
@@ -341,12 +347,14 @@ def predict_peak_bytes(
         ``adamw``, ``adam``, ``sgd`` or ``sgd-momentum``.
     calibration : Calibration, optional
         Activation and workspace constants; defaults to ``Calibration()``.
+    frozen_rank : int
+        Rank of the frozen adapter each untrained target holds (0: none).
 
     Returns
     -------
     dict[str, int]
-        Bytes of frozen_weights, lora_params, lora_grads, optimizer_state, activations, weight_casts
-        (autocast's fp16 weight copies; 0 on the CPU), workspace, and total.
+        Bytes of frozen_weights, lora_params (frozen adapters included), lora_grads, optimizer_state,
+        activations, weight_casts (autocast's fp16 weight copies; 0 on the CPU), workspace, and total.
     """
     cal = calibration or Calibration()
     if optimizer not in OPTIMIZER_STATES:
@@ -356,7 +364,8 @@ def predict_peak_bytes(
     ranks = _per_target_ranks(model, ranks_per_layer)
     lora = sum(r * (i + o) for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True))
     adapted = [layer_index for layer_index, layer in enumerate(ranks) if any(layer)]
-    stored_layers = model.num_layers - adapted[0] if adapted else 0
+    first = adapted[0] if adapted else model.num_layers
+    stored_layers = model.num_layers - first
     per_layer = _layer_activation_bytes(model, train, cal)
     lora_acts = sum(
         _lora_activation_bytes(train, cal, i, r)
@@ -364,9 +373,18 @@ def predict_peak_bytes(
         for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
         if r
     )
+    frozen = frozen_rank * sum(
+        i + o for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True) if not r
+    )
+    lora_acts += sum(
+        _frozen_lora_activation_bytes(train, cal, i)
+        for layer in ranks[first:]
+        for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
+        if frozen_rank and not r
+    )
     parts = {
         "frozen_weights": model.frozen_param_count() * train.dtype_bytes,
-        "lora_params": lora * cal.adapter_bytes,
+        "lora_params": (lora + frozen) * cal.adapter_bytes,
         "lora_grads": lora * cal.adapter_bytes,
         "optimizer_state": OPTIMIZER_STATES[optimizer] * lora * cal.adapter_bytes,
         "activations": stored_layers * per_layer + lora_acts,
@@ -397,6 +415,11 @@ def _lora_activation_bytes(train: TrainShape, cal: Calibration, in_features: int
     """Bytes one adapted projection keeps for backward: its LoRA-dropout input and the lora_A output."""
     tokens, d = train.batch * train.seq_len, train.dtype_bytes
     return round(tokens * (in_features * (d * cal.act_lora_input + cal.mask_lora_input) + d * cal.act_lora_rank * rank))
+
+
+def _frozen_lora_activation_bytes(train: TrainShape, cal: Calibration, in_features: int) -> int:
+    """Bytes a frozen adapter keeps when a gradient flows through it: its LoRA-dropout mask only."""
+    return round(train.batch * train.seq_len * in_features * cal.mask_lora_input)
 
 
 @dataclass(frozen=True)
@@ -477,6 +500,7 @@ def allocate_ranks(
     max_rank: int | None = None,
     calibration: Calibration | None = None,
     optimizer: str = "adamw",
+    frozen_rank: int = 0,
 ) -> RankAllocation:
     """Choose one LoRA rank per layer to maximise sum(importance_l * rank_l) with predicted peak <= budget.
 
@@ -518,6 +542,8 @@ def allocate_ranks(
         Activation and workspace constants; defaults to ``Calibration()``.
     optimizer : str
         As in :func:`predict_peak_bytes`.
+    frozen_rank : int
+        As in :func:`predict_peak_bytes`: layers left at rank 0 hold a frozen adapter of this rank.
 
     Returns
     -------
@@ -526,7 +552,7 @@ def allocate_ranks(
     budget = int(parse_size(budget_bytes) if isinstance(budget_bytes, str) else budget_bytes)
     weights = _check_importance(importance, model.num_layers)
     ladder = _rank_ladder(model, candidate_ranks, max_rank)
-    costs = _Costs(model, train, calibration or Calibration(), optimizer, ladder)
+    costs = _Costs(model, train, calibration or Calibration(), optimizer, ladder, frozen_rank)
     floor = costs.total([0] * model.num_layers)
     if floor > budget:
         raise ValueError(f"budget {format_size(budget)} is below the {format_size(floor)} needed with no LoRA at all")
@@ -537,35 +563,60 @@ def allocate_ranks(
         w > 0 and r < ladder[-1] and costs.total(_with(ranks, layer, _next_rank(ladder, r))) > budget
         for layer, (w, r) in enumerate(zip(weights, ranks, strict=True))
     )
-    predicted = predict_peak_bytes(model, train, ranks, optimizer, calibration)
+    predicted = predict_peak_bytes(model, train, ranks, optimizer, calibration, frozen_rank)
     return RankAllocation(ranks, predicted, budget, binding, weights)
 
 
 class _Costs:
     """Predicted total bytes of per-layer ranks, in O(layers), equal to :func:`predict_peak_bytes`."""
 
-    def __init__(self, model: ModelShape, train: TrainShape, cal: Calibration, optimizer: str, ladder: list[int]):
+    def __init__(
+        self,
+        model: ModelShape,
+        train: TrainShape,
+        cal: Calibration,
+        optimizer: str,
+        ladder: list[int],
+        frozen_rank: int = 0,
+    ):
         self.num_layers = model.num_layers
+        # A frozen adapter's parameters are in the base and in layer_cost (adapting a layer replaces them);
+        # its mask counts only in the layers at or above the first trained one.
+        self.frozen_mask = frozen_rank and sum(
+            _frozen_lora_activation_bytes(train, cal, i) for i, _ in model.lora_targets_per_layer
+        )
         # What a layer that a gradient flows through stores: activations and autocast's weight copies.
         casts = round(model.linear_weights_per_layer() * cal.weight_cast_bytes)
         self.per_layer = _layer_activation_bytes(model, train, cal) + casts
-        self.base = predict_peak_bytes(model, train, [0] * model.num_layers, optimizer, cal)["total"]
+        self.base = predict_peak_bytes(model, train, [0] * model.num_layers, optimizer, cal, frozen_rank)["total"]
         # The cost of a rank in one layer, read off the full model: adapt only the top layer (which then
         # keeps its own activations) and subtract those.
         top_only = [[0] * (model.num_layers - 1) + [r] for r in ladder[1:]]
         self.layer_cost = {0: 0} | {
-            spec[-1]: predict_peak_bytes(model, train, spec, optimizer, cal)["total"] - self.base - self.per_layer
+            spec[-1]: predict_peak_bytes(model, train, spec, optimizer, cal, frozen_rank)["total"]
+            - self.base
+            - self.per_layer
             for spec in top_only
         }
 
     def total(self, ranks: Sequence[int]) -> int:
         first = next((layer for layer, r in enumerate(ranks) if r), self.num_layers)
-        return self.base + (self.num_layers - first) * self.per_layer + sum(self.layer_cost[r] for r in ranks)
+        frozen_above = sum(1 for r in ranks[first:] if not r)
+        return (
+            self.base
+            + (self.num_layers - first) * self.per_layer
+            + sum(self.layer_cost[r] for r in ranks)
+            + frozen_above * self.frozen_mask
+        )
 
     def delta(self, ranks: Sequence[int], first: int, layer: int, rank: int) -> int:
         """Extra bytes of raising ``layer`` to ``rank``, where ``first`` is the first adapted layer (or L)."""
         stored = (first - layer) * self.per_layer if layer < first else 0
-        return self.layer_cost[rank] - self.layer_cost[ranks[layer]] + stored
+        masks = 0
+        if self.frozen_mask and not ranks[layer]:
+            # Below ``first`` the layers up to it turn frozen-above; at or above it, this one stops being frozen.
+            masks = (first - layer - 1) * self.frozen_mask if layer < first else -self.frozen_mask
+        return self.layer_cost[rank] - self.layer_cost[ranks[layer]] + stored + masks
 
 
 def _candidates(weights: list[float], ladder: list[int], costs: _Costs) -> list[tuple[int, ...]]:

@@ -3,12 +3,17 @@
 =================== ============ ========= ============ =========
 strategy            clustering   ranks     aggregation  Laplacian
 =================== ============ ========= ============ =========
+centralized         oracle       uniform   none, pooled off
 local-only          none         uniform   none         off
 fedavg              none         uniform   factor-avg   off
 fedavg-cluster      learned      uniform   factor-avg   off
 atlas-no-laplacian  learned      budget    exact        off
 atlas               learned      budget    exact        on
 =================== ============ ========= ============ =========
+
+``centralized`` is the reference, not a federated method: each task's first client holds the union of
+the task's rows (the ClientApp pools them) and is the only one that trains; the task's other clients
+take its model.
 
 Any switch can be set on its own (run config ``clustering``, ``ranks``, ``aggregation``,
 ``laplacian-eta``), so an ablation changes one thing and runs the same code.
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +48,8 @@ from strategies.aggregation import (
     LORA_A_SUFFIX,
     State,
     aggregate_states,
+    refactor_state,
+    server_step,
     weighted_average,
 )
 from strategies.clustering import ClusterResult, canonical_labels, cluster_fingerprints
@@ -62,6 +69,7 @@ class Switches:
     ranks: str
     aggregation: str
     laplacian: bool
+    pooled: bool = False  # one model per task, trained by the task's first client on all its rows
 
     def __post_init__(self) -> None:
         for name, allowed in (("clustering", CLUSTERINGS), ("ranks", RANK_MODES), ("aggregation", AGGREGATIONS)):
@@ -75,6 +83,7 @@ class Switches:
 
 
 PRESETS: dict[str, Switches] = {
+    "centralized": Switches("oracle", "uniform", "none", False, pooled=True),
     "local-only": Switches("none", "uniform", "none", False),
     "fedavg": Switches("none", "uniform", "factor-avg", False),
     "fedavg-cluster": Switches("learned", "uniform", "factor-avg", False),
@@ -95,6 +104,7 @@ def resolve_switches(
         base.ranks if ranks == "preset" else ranks,
         base.aggregation if aggregation == "preset" else aggregation,
         base.laplacian,
+        base.pooled,
     )
 
 
@@ -167,17 +177,38 @@ def _subset(state: State, modules: Sequence[str]) -> State:
     return {k: v for k, v in state.items() if k.rsplit(".lora_", 1)[0] in keep}
 
 
-def aggregate_group(states: Sequence[State], weights: Sequence[float], alpha: float, method: str) -> list[State]:
-    """Aggregate a group's adapters module by module over the clients holding each module.
+#: Aggregations that work on dW = s B A (the rest average the factors themselves).
+DW_AGGREGATIONS = ("exact", "svd-dense")
 
-    Every output keeps its input's modules and ranks. See :func:`strategies.aggregation.aggregate_states`
-    for the methods.
+
+def aggregate_group(
+    states: Sequence[State],
+    weights: Sequence[float],
+    alpha: float,
+    method: str,
+    held: Sequence[Mapping[str, int]] | None = None,
+) -> list[State]:
+    """Aggregate a group's adapters module by module over the clients that trained each module.
+
+    ``held`` (module -> rank, one per client) lists what each client holds, at which rank; by default
+    what its state holds. A client holding a module it did not train (``frozen-layers = use``) gets the
+    aggregate of those that trained it, at its own rank; a module that no client trained is left out of
+    the outputs (the caller keeps what the client had). See
+    :func:`strategies.aggregation.aggregate_states` for the methods.
     """
+    held = list(held) if held is not None else [module_ranks(s) for s in states]
+    trained = [module_ranks(s) for s in states]
+    by_clients: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = defaultdict(list)
+    for module in sorted(set().union(*trained)):
+        trainers = tuple(i for i, t in enumerate(trained) if module in t)
+        frozen = tuple(i for i, h in enumerate(held) if module in h and i not in trainers)
+        by_clients[(trainers, frozen)].append(module)
     outputs: list[State] = [{} for _ in states]
-    for holders, modules in _split_by_holders(states).items():
-        subs = [_subset(states[i], modules) for i in holders]
-        merged = aggregate_states(subs, [weights[i] for i in holders], [{}] * len(subs), alpha, method)
-        for i, state in zip(holders, merged, strict=True):
+    for (trainers, frozen), modules in by_clients.items():
+        subs = [_subset(states[i], modules) for i in trainers]
+        targets = [{m: held[i][m] for m in modules} for i in (*trainers, *frozen)]
+        merged = aggregate_states(subs, [weights[i] for i in trainers], targets, alpha, method)
+        for i, state in zip((*trainers, *frozen), merged, strict=True):
             outputs[i].update(state)
     return outputs
 
@@ -238,12 +269,16 @@ def plan_ranks(
     modules_per_layer: Sequence[Sequence[str]],
     max_rank: int,
     calibration: Calibration | None = None,
+    frozen_rank: int = 0,
 ) -> tuple[RankAllocation, dict[str, int]]:
-    """Per-layer ranks under a client's memory budget, and the module -> rank map its adapter gets.
+    """Per-layer ranks under a client's memory budget, and the module -> rank map of what it trains.
 
+    With ``frozen_rank`` > 0 the budget also holds a frozen adapter of that rank on every other layer.
     Raises ValueError (one line) when the budget cannot hold even one adapted layer.
     """
-    allocation = allocate_ranks(model, train, budget_bytes, importance, max_rank=max_rank, calibration=calibration)
+    allocation = allocate_ranks(
+        model, train, budget_bytes, importance, max_rank=max_rank, calibration=calibration, frozen_rank=frozen_rank
+    )
     if not any(allocation.ranks):
         raise ValueError(
             f"memory budget {budget_bytes / 1e6:.0f} MB fits no LoRA layer "
@@ -272,6 +307,15 @@ class PersonalizedPipeline:
         Client similarities in ``members`` order; required when the Laplacian is on.
     eta : float
         Laplacian step as a fraction of the largest admissible one (ignored when the switch is off).
+    server_lr : float
+        FedOpt's server learning rate on each group's mean update (1 = plain averaging); used only when
+        adapters are aggregated. It moves the heads alike.
+    factor_split : str
+        How re-factored adapters (dW-space aggregation, the Laplacian) are split into B and A
+        (:data:`strategies.aggregation.FACTOR_SPLITS`).
+    frozen : mapping client id -> set of module names, optional
+        Modules a client holds and uses but does not train (its budget does not cover them): its
+        updates leave them out, and aggregation gives it its group's result for them.
     """
 
     def __init__(
@@ -283,6 +327,9 @@ class PersonalizedPipeline:
         alpha: float,
         adjacency: np.ndarray | None = None,
         eta: float = 0.0,
+        server_lr: float = 1.0,
+        factor_split: str = "balanced",
+        frozen: Mapping[int, Iterable[str]] | None = None,
     ) -> None:
         if switches.laplacian and adjacency is None:
             raise ValueError("the Laplacian switch is on but no adjacency was given")
@@ -295,12 +342,28 @@ class PersonalizedPipeline:
         self.alpha = alpha
         self.adjacency = adjacency
         self.eta = eta if switches.laplacian else 0.0
+        self.server_lr = server_lr if switches.aggregation != "none" else 1.0
+        self.factor_split = factor_split
+        self.frozen = {m.client_id: frozenset((frozen or {}).get(m.client_id, ())) for m in self.members}
         self.adapters = {m.client_id: dict(initial[m.client_id][0]) for m in self.members}
         self.heads = {m.client_id: dict(initial[m.client_id][1]) for m in self.members}
 
     def state_for(self, client_id: int) -> tuple[State, State]:
         """The adapter and head a client trains from (or is evaluated with)."""
         return self.adapters[client_id], self.heads[client_id]
+
+    def trained_part(self, client_id: int, adapter: State) -> State:
+        """The part of ``adapter`` that the client trains (and sends back): all but its frozen modules."""
+        return _subset(adapter, set(module_ranks(adapter)) - self.frozen[client_id])
+
+    def trainers(self) -> list[int]:
+        """The clients that train each round: all, or under ``pooled`` the first client of each task."""
+        if not self.switches.pooled:
+            return [m.client_id for m in self.members]
+        first: dict[str, int] = {}
+        for m in self.members:
+            first.setdefault(m.task, m.client_id)
+        return sorted(first.values())
 
     def head_key(self, client_id: int) -> Hashable:
         """The head group of a client: clients with equal keys share a head."""
@@ -335,33 +398,63 @@ class PersonalizedPipeline:
         """
         ordered = sorted(updates, key=lambda u: u.client_id)
         by_id = {m.client_id: m for m in self.members}
-        for u in ordered:
-            self.adapters[u.client_id] = u.adapter
-        if self.switches.aggregation != "none":
+        method = self.switches.aggregation
+        dw_space = method in DW_AGGREGATIONS
+        sent = {u.client_id: self.state_for(u.client_id) for u in ordered}
+        stepped = {
+            u.client_id: server_step(
+                self.trained_part(u.client_id, sent[u.client_id][0]),
+                u.adapter,
+                self.server_lr,
+                self.alpha,
+                "dw" if dw_space else "factors",
+            )
+            for u in ordered
+        }
+        for u in ordered:  # frozen modules stay as sent unless aggregation gives the group's
+            self.adapters[u.client_id] = {**sent[u.client_id][0], **u.adapter}
+        refactored = set()
+        if method != "none":
             groups: dict[int, list[Update]] = defaultdict(list)
             for u in ordered:
                 groups[by_id[u.client_id].group].append(u)
             for members in groups.values():
                 merged = aggregate_group(
-                    [u.adapter for u in members],
+                    [stepped[u.client_id] for u in members],
                     [u.num_examples for u in members],
                     self.alpha,
-                    self.switches.aggregation,
+                    method,
+                    [module_ranks(sent[u.client_id][0]) for u in members],
                 )
                 for u, state in zip(members, merged, strict=True):
-                    self.adapters[u.client_id] = state
+                    self.adapters[u.client_id] = {**sent[u.client_id][0], **state}
+            if dw_space:
+                refactored |= {u.client_id for u in ordered}
         if self.eta > 0:
             ids = [m.client_id for m in self.members]
             mixed = laplacian_all([self.adapters[i] for i in ids], self.adjacency, self.eta, self.alpha)
             self.adapters.update(zip(ids, mixed, strict=True))
+            refactored |= set(ids)
+        if self.factor_split != "balanced":  # aggregation and the Laplacian split factors evenly
+            for i in sorted(refactored):
+                self.adapters[i] = refactor_state(self.adapters[i], self.alpha, self.factor_split)
         heads: dict[Hashable, list[Update]] = defaultdict(list)
         for u in ordered:
             heads[self._head_key(by_id[u.client_id])].append(u)
         for key, members in heads.items():
-            head = weighted_average([u.head for u in members], [u.num_examples for u in members])
+            head = weighted_average(
+                [server_step(sent[u.client_id][1], u.head, self.server_lr, self.alpha, "factors") for u in members],
+                [u.num_examples for u in members],
+            )
             for m in self.members:  # every client of the head group, with or without an update this round
                 if self._head_key(m) == key:
                     self.heads[m.client_id] = head
+        if self.switches.pooled:  # the task's other clients take the model its first client trained
+            for u in ordered:
+                task = by_id[u.client_id].task
+                for m in self.members:
+                    if m.task == task:
+                        self.adapters[m.client_id], self.heads[m.client_id] = u.adapter, self.heads[u.client_id]
         total = sum(u.num_examples for u in ordered)
         loss = sum(u.metrics.get("train-loss", np.nan) * u.num_examples for u in ordered)
         return {"train-loss": float(loss / total) if total else float("nan"), "num-examples": float(total)}
@@ -372,5 +465,6 @@ class PersonalizedPipeline:
         groups = len({m.group for m in self.members})
         return (
             f"{self.name}: clustering={s.clustering} ({groups} group(s)), ranks={s.ranks}, "
-            f"aggregation={s.aggregation}, laplacian eta={self.eta:g}"
+            f"aggregation={s.aggregation}, laplacian eta={self.eta:g}, server lr={self.server_lr:g}, "
+            f"factor split={self.factor_split}"
         )

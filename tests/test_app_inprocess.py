@@ -96,6 +96,23 @@ def test_local_only_gives_each_client_its_own_adapter(tiny_run_config: dict) -> 
     assert not np.array_equal(adapters[0][lora_b], adapters[1][lora_b])
 
 
+def test_centralized_trains_one_model_per_task_on_the_union_of_its_rows(tiny_run_config: dict) -> None:
+    from atlas_flwr.local import client_data
+
+    cfg, grid, outcome = _run({**tiny_run_config, "strategy": "centralized"})
+    # Only the first client of each task trains, and its task's other client takes its model.
+    assert grid.messages_seen.count("train") == 2 * 2 and grid.messages_seen.count("evaluate") == 2 * 2
+    federated = Config.from_run_config({**tiny_run_config, "strategy": "fedavg"})
+    for first in (0, 2):
+        pooled = list(client_data(cfg, first).train["input_ids"])
+        own = [list(client_data(federated, i).train["input_ids"]) for i in (first, first + 1)]
+        assert pooled == own[0] + own[1]
+    states = [state_digest(*outcome.strategy.state_for(i)) for i in range(4)]
+    assert states[0] == states[1] != states[2] == states[3]
+    rounds = json.loads((outcome.run_dir / "rounds.json").read_text())
+    assert all(r["num-examples"] == 2 * 2 * 24 for r in rounds)
+
+
 def test_same_seed_same_results(tiny_run_config: dict) -> None:
     def metrics(name: str) -> list:
         _, _, outcome = _run({**tiny_run_config, "run-name": name})
@@ -188,18 +205,57 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
     assert small["budget-binds"] == "True" and small["ranks-per-layer"].split()[0] == "0"
     assert int(small["predicted-peak-bytes"]) <= int(small["memory-budget-bytes"])
     assert large["ranks-per-layer"] == f"{cfg.lora_rank} {cfg.lora_rank}"
-    # The small client's adapter holds only what its budget allowed, through every round.
+    # The small client trains only what its budget allowed and holds the rest frozen (frozen-layers = use).
     strategy = outcome.strategy
-    small_modules = {m for m in module_ranks(strategy.state_for(0)[0])}
-    assert small_modules and all(".layer.1." in m for m in small_modules)
-    assert len(module_ranks(strategy.state_for(1)[0])) == 2 * len(small_modules)
+    assert small["frozen-modules"] == "2" and large["frozen-modules"] == "0"
+    assert strategy.frozen[0] and all(".layer.0." in m for m in strategy.frozen[0])
+    assert set(module_ranks(strategy.state_for(0)[0])) == set(module_ranks(strategy.state_for(1)[0]))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["switches"] == {
         "clustering": "learned",
         "ranks": "budget",
         "aggregation": "exact",
         "laplacian-eta": 0.5,
+        "server-lr": 1.0,
+        "factor-split": "balanced",
     }
+
+
+@pytest.mark.parametrize("frozen_layers", ["use", "drop"])
+def test_a_budget_bound_client_uses_its_groups_layers_frozen_or_drops_them(
+    tiny_run_config: dict, frozen_layers: str
+) -> None:
+    values = {**tiny_run_config, "strategy": "atlas-no-laplacian", "fingerprint-rows": 16, "device-scale": 1.0}
+    values |= {"clustering": "oracle", "frozen-layers": frozen_layers, "num-server-rounds": 1}
+    values["device-tiers"] = _binding_tiers(Config.from_run_config(values))
+    _, grid, outcome = _run(values)
+    strategy = outcome.strategy
+    small, large = (strategy.state_for(i)[0] for i in (0, 1))  # one task: clients 0 (small tier) and 1
+    bottom = sorted(k for k in large if ".layer.0." in k)
+    if frozen_layers == "drop":  # the old behaviour: what the budget cannot train is not held at all
+        assert not strategy.frozen[0] and not set(bottom) & set(small)
+        return
+    # The small client trained only the top layer and got its group's bottom layer, which client 1 trained.
+    assert set(strategy.frozen[0]) == {k.rsplit(".lora_", 1)[0] for k in bottom}
+    for key in bottom:
+        np.testing.assert_allclose(small[key], large[key], rtol=1e-5, atol=1e-7)
+    init, _ = initial_state(Config.from_run_config(values))
+    assert not np.allclose(small[bottom[-1]], init[bottom[-1]])  # a lora_B: it moved away from zero
+    # Its train reply carried only the top layer: fewer bytes up than client 1's.
+    assert grid.messages_seen.count("train") == 4
+
+
+def test_run_train_freezes_the_frozen_modules_and_returns_only_the_trained_ones(tiny_run_config: dict) -> None:
+    from atlas_flwr.local import run_train
+
+    cfg = Config.from_run_config(tiny_run_config)
+    adapter, head = (to_numpy(s) for s in initial_state(cfg))
+    frozen = {m for m in module_ranks(adapter) if ".layer.0." in m}
+    new_adapter, _, result = run_train(cfg, 0, 1, adapter, head, frozen)
+    assert set(module_ranks(to_numpy(new_adapter))) == set(module_ranks(adapter)) - frozen and result.steps > 0
+    assert all(not np.allclose(to_numpy(new_adapter)[k], adapter[k]) for k in new_adapter if "lora_B" in k)
+    with pytest.raises(AtlasError, match="frozen module 'nope' is not in the received adapter"):
+        run_train(cfg, 0, 1, adapter, head, {"nope"})
 
 
 def test_methods_give_pairwise_different_results(tiny_run_config: dict) -> None:

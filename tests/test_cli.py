@@ -32,7 +32,7 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
     [
         (
             ["--set", "strategy=fedprox"],
-            "'strategy' = 'fedprox' is not allowed: expected one of local-only, fedavg, fedavg-cluster, atlas-no-laplacian, atlas",
+            "'strategy' = 'fedprox' is not allowed: expected one of centralized, local-only, fedavg, fedavg-cluster, atlas-no-laplacian, atlas",
         ),
         (["--set", "tasks='sst2,wnli'"], "'tasks' = 'sst2,wnli'"),
         (["--set", "clients-per-task=0"], "'clients-per-task' = 0 is not allowed: expected an integer >= 1"),

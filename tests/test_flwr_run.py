@@ -37,25 +37,38 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def test_flwr_run_completes_writes_results_and_stops_its_superlink(tmp_path: Path, glue_dir: str) -> None:
+#: The completed run below is also the uninterrupted reference of the kill-and-resume test: one run fewer.
+_SMOKE = ["configs/smoke.toml", "--set", "num-server-rounds=3"]
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory: pytest.TempPathFactory, glue_dir: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """One ATLAS smoke run (fingerprints, clusters, ranks, 3 rounds) through ``flwr run``: its outputs and result."""
+    tmp_path = tmp_path_factory.mktemp("flwr-run")
     out = tmp_path / "outputs"
     result = _atlas_run(
-        "configs/smoke.toml",
+        *_SMOKE,
         "--set",
         f"output-dir={json.dumps(str(out))}",
         "--set",
-        "run-name=smoke",
+        "run-name=whole",
         "--set",
         f"data-dir={json.dumps(glue_dir)}",
         env_extra={"FLWR_HOME": str(tmp_path / "flwr-home")},
     )
+    return out, result
+
+
+def test_flwr_run_completes_writes_results_and_stops_its_superlink(completed) -> None:
+    out, result = completed
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "finished:completed" in result.stdout
-    assert "round 2/2" in result.stdout  # per-round progress reached the user
-    run_dir = out / "smoke"
+    assert "round 3/3" in result.stdout  # per-round progress reached the user
+    run_dir = out / "whole"
     rounds = json.loads((run_dir / "rounds.json").read_text())
-    assert [r["round"] for r in rounds] == [1, 2] and rounds[-1]["bytes-received"] > 0
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[-1]["bytes-received"] > 0
     assert (run_dir / "clients.csv").read_text().count("\n") == 3  # header + 2 clients
+    assert json.loads((run_dir / "clusters.json").read_text())["clustering"] == "learned"
     assert _gone(_superlink_pid(result.stdout))
 
 
@@ -105,17 +118,18 @@ def test_sigterm_mid_run_stops_every_process_it_started(tmp_path: Path, glue_dir
     assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
 
 
-def test_sigkill_of_the_server_then_resume_gives_the_uninterrupted_result(tmp_path: Path, glue_dir: str) -> None:
-    """Kill the ServerApp's process (flwr-simulation) with SIGKILL after round 1 of 3, resume, compare."""
+def test_sigkill_of_the_server_then_resume_gives_the_uninterrupted_result(
+    tmp_path: Path, glue_dir: str, completed
+) -> None:
+    """Kill the ServerApp's process (flwr-simulation) with SIGKILL after round 1 of 3, resume, compare with the
+    completed run of the same config."""
     import psutil
 
-    out = tmp_path / "outputs"
-    common = ["configs/smoke.toml", "--set", "num-server-rounds=3", "--set", f"data-dir={json.dumps(glue_dir)}"]
-    common += ["--set", 'strategy="fedavg"']  # no fingerprint phase: three runs of this test stay short
-    common += ["--set", f"output-dir={json.dumps(str(out))}"]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
-    whole = _atlas_run(*common, "--set", "run-name=whole", env_extra=env)
+    whole_out, whole = completed
     assert whole.returncode == 0, whole.stdout[-2000:]
+    out = tmp_path / "outputs"
+    common = [*_SMOKE, "--set", f"data-dir={json.dumps(glue_dir)}", "--set", f"output-dir={json.dumps(str(out))}"]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
 
     command = [str(Path(sys.executable).with_name("atlas-run")), *common, "--set", "run-name=killed"]
     proc = subprocess.Popen(
@@ -143,9 +157,9 @@ def test_sigkill_of_the_server_then_resume_gives_the_uninterrupted_result(tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"after round {state['round']}" in resumed.stdout
 
-    def untimed(run: str) -> list[dict]:
-        rows = json.loads((out / run / "rounds.json").read_text())
+    def untimed(run_dir: Path) -> list[dict]:
+        rows = json.loads((run_dir / "rounds.json").read_text())
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
-    assert [r["round"] for r in untimed("killed")] == [1, 2, 3]
-    assert untimed("killed") == untimed("whole")
+    assert [r["round"] for r in untimed(killed)] == [1, 2, 3]
+    assert untimed(killed) == untimed(whole_out / "whole")

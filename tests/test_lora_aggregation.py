@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from strategies.aggregation import (
+    LORA_A_INIT_ROW_NORM,
     aggregate_exact,
     aggregate_factor_avg,
     aggregate_states,
@@ -13,6 +14,8 @@ from strategies.aggregation import (
     aggregate_zero_pad,
     lora_scaling,
     lowrank_sum,
+    refactor_state,
+    server_step,
     to_factors,
 )
 
@@ -236,3 +239,58 @@ def test_aggregate_states_rejects_bad_inputs_in_one_line(states, targets, method
     with pytest.raises(ValueError, match=match) as info:
         aggregate_states(states, [1, 1], targets, ALPHA, method)
     assert "\n" not in str(info.value)
+
+
+def test_a_orthonormal_split_keeps_the_product_and_gives_a_peft_scaled_basis() -> None:
+    lr = lowrank_sum(_factors([3, 5], seed=4), [0.5, 0.5])
+    scaling = lora_scaling(ALPHA, 6)
+    b_bal, a_bal = to_factors(lr, 6, scaling)
+    b, a = to_factors(lr, 6, scaling, "a-orthonormal")
+    assert _rel(scaling * b @ a, scaling * b_bal @ a_bal) < 1e-10
+    # A's rows: orthogonal, each at the row norm PEFT's kaiming init gives; B carries the singular values.
+    np.testing.assert_allclose(a @ a.T, LORA_A_INIT_ROW_NORM**2 * np.eye(6), atol=1e-10)
+    assert not np.allclose(a, a_bal)
+    with pytest.raises(ValueError, match="unknown factor split 'even'"):
+        to_factors(lr, 6, scaling, "even")
+
+
+def test_refactor_state_keeps_every_module_product() -> None:
+    state = {}
+    for name, r in (("query", 2), ("value", 5)):
+        ((b, a, _),) = _factors([r], seed=r)
+        state[PREFIX + name + ".lora_A.weight"] = a.astype(np.float32)
+        state[PREFIX + name + ".lora_B.weight"] = b.astype(np.float32)
+    out = refactor_state(state, ALPHA, "a-orthonormal")
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in state.items()}
+    for name in ("query", "value"):
+        a0, b0 = (state[PREFIX + name + s].astype(np.float64) for s in (".lora_A.weight", ".lora_B.weight"))
+        a1, b1 = (out[PREFIX + name + s].astype(np.float64) for s in (".lora_A.weight", ".lora_B.weight"))
+        assert _rel(b1 @ a1, b0 @ a0) < 1e-5
+        assert out[PREFIX + name + ".lora_A.weight"].dtype == np.float32
+
+
+@pytest.mark.parametrize("lr", [0.5, 1.0, 2.5])
+def test_server_step_in_dw_space_is_exact(lr: float) -> None:
+    def state(seed):
+        ((b, a, _),) = _factors([3], seed=seed)
+        return {PREFIX + "query.lora_A.weight": a, PREFIX + "query.lora_B.weight": b}
+
+    old, new = state(1), state(2)
+    out = server_step(old, new, lr, ALPHA, "dw")
+    a, b = out[PREFIX + "query.lora_A.weight"], out[PREFIX + "query.lora_B.weight"]
+    dense = {
+        k: lora_scaling(ALPHA, 3) * s[PREFIX + "query.lora_B.weight"] @ s[PREFIX + "query.lora_A.weight"]
+        for k, s in (("old", old), ("new", new))
+    }
+    assert a.shape[0] == (3 if lr == 1.0 else 6)
+    expected = dense["old"] + lr * (dense["new"] - dense["old"])
+    assert _rel(lora_scaling(ALPHA, a.shape[0]) * b @ a, expected) < 1e-10
+    # In factor space the step is element-wise.
+    factors = server_step(old, new, lr, ALPHA, "factors")
+    np.testing.assert_allclose(
+        factors[PREFIX + "query.lora_A.weight"],
+        old[PREFIX + "query.lora_A.weight"]
+        + lr * (new[PREFIX + "query.lora_A.weight"] - old[PREFIX + "query.lora_A.weight"]),
+    )
+    with pytest.raises(ValueError, match="server lr must be finite and > 0: got 0"):
+        server_step(old, new, 0, ALPHA, "dw")

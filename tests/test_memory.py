@@ -232,17 +232,39 @@ def test_binding(minilm: ModelShape) -> None:
     assert unused.ranks == [0, 0, 32, 32, 32, 32] and not unused.binding
 
 
+@pytest.mark.parametrize("frozen_rank", [0, 8])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_candidate_ranks_and_costs_agree_with_predict(minilm: ModelShape, device: str) -> None:
+def test_candidate_ranks_and_costs_agree_with_predict(minilm: ModelShape, device: str, frozen_rank: int) -> None:
     alloc = allocate_ranks(minilm, TrainShape(16, 128), "1TB", [1] * 6, candidate_ranks=(3, 12))
     assert alloc.ranks == [12] * 6
     ladder = [0, 1, 2, 4, 8, 16, 32]
     cal = Calibration.for_device(device)
-    costs = _Costs(minilm, TrainShape(16, 128), cal, "adamw", ladder)
+    train = TrainShape(16, 128)
+    costs = _Costs(minilm, train, cal, "adamw", ladder, frozen_rank)
     rng = random.Random(0)
     for _ in range(50):
         ranks = [rng.choice(ladder) for _ in range(6)]
-        assert costs.total(ranks) == predict_peak_bytes(minilm, TrainShape(16, 128), ranks, calibration=cal)["total"]
+        total = predict_peak_bytes(minilm, train, ranks, calibration=cal, frozen_rank=frozen_rank)["total"]
+        assert costs.total(ranks) == total
+        # The greedy's O(1) step cost is the difference of totals.
+        layer, rank = rng.randrange(6), rng.choice(ladder)
+        first = next((i for i, r in enumerate(ranks) if r), 6)
+        raised = ranks[:layer] + [rank] + ranks[layer + 1 :]
+        if rank > ranks[layer]:
+            assert costs.delta(ranks, first, layer, rank) == costs.total(raised) - costs.total(ranks)
+
+
+def test_frozen_adapters_cost_parameters_and_masks_above_the_first_trained_layer(minilm: ModelShape) -> None:
+    train, ranks = TrainShape(16, 64), [0, 0, 0, 0, 8, 8]
+    plain = predict_peak_bytes(minilm, train, ranks)
+    held = predict_peak_bytes(minilm, train, ranks, frozen_rank=8)
+    per_layer_params = 2 * 8 * (384 + 384)  # query and value, rank 8
+    assert held["lora_params"] - plain["lora_params"] == 4 * per_layer_params * 4
+    assert held["lora_grads"] == plain["lora_grads"] and held["optimizer_state"] == plain["optimizer_state"]
+    assert held["activations"] == plain["activations"]  # the frozen layers are all below the trained ones
+    gap = predict_peak_bytes(minilm, train, [0, 8, 0, 0, 8, 8], frozen_rank=8)
+    no_gap = predict_peak_bytes(minilm, train, [0, 8, 0, 0, 8, 8])
+    assert gap["activations"] - no_gap["activations"] == 2 * 2 * 16 * 64 * 384 * 4  # two frozen layers above
 
 
 def test_cuda_autocast_keeps_weight_copies_from_the_first_adapted_layer_up(minilm: ModelShape) -> None:

@@ -44,14 +44,31 @@ def _dense(state: dict[str, np.ndarray], module: str) -> np.ndarray:
     return lora_scaling(ALPHA, a.shape[0]) * b @ a
 
 
-def _pipeline(strategy: str, ranks: list[dict[str, int]], groups=None, eta=0.0, adjacency=None, **switches):
+def _pipeline(
+    strategy: str,
+    ranks: list[dict[str, int]],
+    groups=None,
+    eta=0.0,
+    adjacency=None,
+    server_lr=1.0,
+    factor_split="balanced",
+    **switches,
+):
     rng = np.random.default_rng(0)
     members = [Member(i, t, g) for i, (t, g) in enumerate(zip(TASKS, groups or [0, 0, 1, 1], strict=True))]
     initial = {i: (_adapter(rng, ranks[i]), _head(0.0)) for i in range(4)}
     if adjacency is None:
         adjacency = np.array([[0, 1, 0.2, 0.1], [1, 0, 0.3, 0.2], [0.2, 0.3, 0, 1], [0.1, 0.2, 1, 0]], float)
     return PersonalizedPipeline(
-        strategy, resolve_switches(strategy, **switches), members, initial, ALPHA, adjacency, eta
+        strategy,
+        resolve_switches(strategy, **switches),
+        members,
+        initial,
+        ALPHA,
+        adjacency,
+        eta,
+        server_lr=server_lr,
+        factor_split=factor_split,
     )
 
 
@@ -217,3 +234,52 @@ def test_plan_ranks_binds_on_a_small_budget_and_fits_it() -> None:
     floor = predict_peak_bytes(SHAPE, STEP, [0] * 4)["total"]
     with pytest.raises(ValueError, match="fits no LoRA layer"):
         plan_ranks(SHAPE, STEP, floor + 1, importance, LAYERS, 8)
+
+
+@pytest.mark.parametrize("aggregation", ["exact", "factor-avg"])
+def test_server_lr_steps_each_group_from_the_states_it_sent(aggregation: str) -> None:
+    pipe = _pipeline("atlas-no-laplacian", UNIFORM, server_lr=2.0, aggregation=aggregation)
+    sent = {i: pipe.state_for(i) for i in range(4)}
+    updates = _updates(UNIFORM)
+    pipe.aggregate_train(updates)
+    for group in ([0, 1], [2, 3]):
+        p = np.array([updates[i].num_examples for i in group], float)
+        p /= p.sum()
+        for module in MODULES:
+            got = _dense(pipe.adapters[group[0]], module)
+            if aggregation == "exact":  # dW space: the truncated SVD of old + 2 (new - old), averaged
+                stepped = sum(
+                    pk * (2 * _dense(updates[i].adapter, module) - _dense(sent[i][0], module))
+                    for pk, i in zip(p, group, strict=True)
+                )
+                u, sv, vt = np.linalg.svd(stepped)
+                expected = (u[:, :4] * sv[:4]) @ vt[:4]
+            else:  # factor space: each factor is stepped, then averaged
+                a, b = (
+                    sum(
+                        pk * (2 * updates[i].adapter[module + suffix] - sent[i][0][module + suffix])
+                        for pk, i in zip(p, group, strict=True)
+                    )
+                    for suffix in (".lora_A.weight", ".lora_B.weight")
+                )
+                expected = lora_scaling(ALPHA, 4) * b.astype(np.float64) @ a.astype(np.float64)
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        # Heads step alike: the sent heads are 0 and client i returns i + 1.
+        head = sum(pk * 2 * (i + 1) for pk, i in zip(p, group, strict=True))
+        np.testing.assert_allclose(pipe.heads[group[1]]["weight"], head, rtol=1e-6)
+
+
+def test_factor_split_changes_the_factors_not_the_products() -> None:
+    balanced, orthonormal = (
+        _pipeline("atlas", HETERO, eta=0.5, factor_split=split) for split in ("balanced", "a-orthonormal")
+    )
+    for pipe in (balanced, orthonormal):
+        pipe.aggregate_train(_updates(HETERO))
+    for i in range(4):
+        for module in module_ranks(balanced.adapters[i]):
+            np.testing.assert_allclose(
+                _dense(orthonormal.adapters[i], module), _dense(balanced.adapters[i], module), rtol=1e-4, atol=1e-5
+            )
+            a = orthonormal.adapters[i][module + ".lora_A.weight"].astype(np.float64)
+            np.testing.assert_allclose(np.linalg.norm(a, axis=1), np.sqrt(1 / 3), rtol=1e-5)
+            assert not np.allclose(a, balanced.adapters[i][module + ".lora_A.weight"])

@@ -1,11 +1,13 @@
-"""One EuroSAT run through the real ServerApp/ClientApp code on the in-process LocalGrid (no SuperLink, no Ray).
+"""One run of either workload through the real ServerApp/ClientApp code on the in-process LocalGrid.
 
-python benchmarks/eurosat_inprocess.py configs/eurosat-fp16.toml --output-dir DIR --run-name NAME
+python benchmarks/inprocess.py configs/eurosat-fp16.toml --output-dir DIR --run-name NAME
     [--data eurosat_rgb_jpeg.npz] [--set KEY=VALUE ...]
+python benchmarks/inprocess.py configs/quality.toml --output-dir DIR --run-name NAME --set server-lr=2
 
-For machines where ``flwr run`` cannot go: the GPU machines lent to this project take 64 MiB per
-call, and Ray alone is larger. The rounds, the messages and the bytes counted on them are those of
-``flwr run``; the clients train one after another in this process instead of in Ray workers.
+No SuperLink and no Ray: for machines where ``flwr run`` cannot go (the GPU machines lent to this
+project take 64 MiB per call, and Ray alone is larger), and for quick ablations on 2 cores. The
+rounds, the messages and the bytes counted on them are those of ``flwr run``; the clients train one
+after another in this process instead of in Ray workers.
 Beside the run's usual files it writes ``runtime.json`` (engine, device, torch) and ``wall-clock.txt``.
 """
 
@@ -24,6 +26,7 @@ from atlas_flwr.config import Config
 from atlas_flwr.eurosat.server import run_eurosat
 from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.preflight import preflight
+from atlas_flwr.server_app import run_federation
 from atlas_flwr.train import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +49,11 @@ def main() -> None:
     preflight(cfg)
     device = pick_device(cfg.device)
     start = time.perf_counter()
-    run_dir = run_eurosat(LocalGrid(client_app, values, cfg.num_clients), cfg)
+    grid = LocalGrid(client_app, values, cfg.num_clients)
+    run_dir = run_eurosat(grid, cfg) if cfg.workload == "eurosat" else run_federation(grid, cfg).run_dir
     seconds = time.perf_counter() - start
     runtime = {
-        "engine": "in-process LocalGrid (benchmarks/eurosat_inprocess.py)",
+        "engine": "in-process LocalGrid (benchmarks/inprocess.py)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "seconds": seconds,
