@@ -71,7 +71,8 @@ def resolve_run_config(app: Path, config_file: Path | None, overrides: Sequence[
     if not values.get("output-dir"):
         values["output-dir"] = str((app / "outputs").resolve())
     if not values.get("run-name"):
-        values["run-name"] = default_run_name(str(values.get("strategy")), int(values.get("seed", 0)))
+        seed = values.get("seed", 0)  # a bad seed is reported by the config check, in one line
+        values["run-name"] = default_run_name(str(values.get("strategy")), seed if isinstance(seed, int) else 0)
     return values
 
 

@@ -156,6 +156,9 @@ def _coerce(key: str, value: Any, rule: _Rule) -> Any:
     # TOML gives ints where a float is meant (lr = 1) and bools are ints in Python.
     if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    # ``split = 3`` on a command line is an int; the key also takes words, so it is a string.
+    if key == "split" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
     if isinstance(value, bool) != (rule.kind is bool) or not isinstance(value, rule.kind):
         raise ConfigError(key, value, rule.allowed or f"a {rule.kind.__name__}")
     if not rule.check(value):

@@ -102,7 +102,7 @@ RANDOM_MODELS = {
         "pad_token_id": 0,
     },
 }
-#: name, model, batch, seq_len, per-layer ranks.
+#: name, model, batch, seq_len, per-layer ranks[, rank of the frozen adapters on the rank-0 layers].
 CONFIGS = [
     ("minilm-b8-s64-r8", "minilm-l6", 8, 64, [8] * 6),
     ("minilm-b16-s128-r8", "minilm-l6", 16, 128, [8] * 6),
@@ -115,6 +115,12 @@ CONFIGS = [
     # (results/memory-cuda/rerun.txt), neither on the CPU yet:
     ("minilm-b16-s256-r4", "minilm-l6", 16, 256, [4] * 6),
     ("gpt2-6L-b8-s256-r8", "gpt2-small-random", 8, 256, [8] * 6),
+    # frozen-layers = use (issue 17): the layers at rank 0 hold a frozen rank-8 adapter that the forward pass
+    # uses and nothing trains. Each beside the same ranks without frozen adapters.
+    ("minilm-b16-s64-top1", "minilm-l6", 16, 64, [0, 0, 0, 0, 0, 8]),
+    ("minilm-b16-s64-top1-frozen8", "minilm-l6", 16, 64, [0, 0, 0, 0, 0, 8], 8),
+    ("minilm-b16-s64-gap", "minilm-l6", 16, 64, [0, 8, 0, 0, 8, 8]),
+    ("minilm-b16-s64-gap-frozen8", "minilm-l6", 16, 64, [0, 8, 0, 0, 8, 8], 8),
 ]
 #: Configs whose measurements fit the two workspace constants (see ``fit_workspace``); the rest are held out.
 FIT = ("minilm-b8-s64-r8", "minilm-b16-s128-r8", "minilm-b32-s128-r8")
@@ -126,6 +132,7 @@ FIELDS = [
     "batch",
     "seq_len",
     "ranks",
+    "frozen_rank",
     "pred_frozen_weights",
     "pred_lora_params",
     "pred_lora_grads",
@@ -223,7 +230,9 @@ def child(spec: dict) -> dict:
         for p in cached.parameters():  # page the memory-mapped safetensors file in (it counts as RssFile)
             p.sum()
     batch, seq, ranks = spec["batch"], spec["seq_len"], spec["ranks"]
-    exclude = _exclusion_regex(source.family, ranks, source.lora_targets)
+    frozen_rank = spec.get("frozen_rank", 0)
+    held = [r or frozen_rank for r in ranks]
+    exclude = _exclusion_regex(source.family, held, source.lora_targets)
     if exclude:
         plain = classifier.lora_config
 
@@ -233,10 +242,8 @@ def child(spec: dict) -> dict:
             return cfg
 
         classifier.lora_config = lora_config
-    first = next(r for r in ranks if r)
-    settings = classifier.LoraSettings(
-        rank=first, rank_pattern=_rank_pattern(source.family, ranks, source.lora_targets)
-    )
+    first = next(r for r in held if r)
+    settings = classifier.LoraSettings(rank=first, rank_pattern=_rank_pattern(source.family, held, source.lora_targets))
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(spec["steps"]):
@@ -263,9 +270,14 @@ def child(spec: dict) -> dict:
             for n, _ in _lora(model)
         }
     )
-    expected = [i for i, r in enumerate(ranks) if r]
+    expected = [i for i, r in enumerate(held) if r]
     if adapted != expected:
         raise RuntimeError(f"adapted layers {adapted} != expected {expected}")
+    layer_key = "h" if source.family == "gpt2" else "layer"
+    for name, param in model.named_parameters():  # as run_train freezes the modules it is told to
+        parts = name.split(".")
+        if ".lora_" in name and not ranks[int(parts[parts.index(layer_key) + 1])]:
+            param.requires_grad_(False)
     if cuda:
         model.to(device)
         torch.cuda.synchronize()
@@ -345,7 +357,9 @@ def prepare_models(tmp: Path) -> dict[str, str]:
     return paths
 
 
-def predict(path: str, batch: int, seq: int, ranks: list[int], device: str = "cpu") -> tuple[str, dict[str, int], int]:
+def predict(
+    path: str, batch: int, seq: int, ranks: list[int], device: str = "cpu", frozen_rank: int = 0
+) -> tuple[str, dict[str, int], int]:
     """Family, predicted breakdown, and the bytes one layer stores (the unit of ``workspace_layers``)."""
     from transformers import AutoConfig
 
@@ -357,7 +371,7 @@ def predict(path: str, batch: int, seq: int, ranks: list[int], device: str = "cp
     cal, train = Calibration.for_device(device), TrainShape(batch, seq)
     unit = dataclasses.replace(cal, workspace_layers=1.0, workspace_bytes=0.0)
     layer = predict_peak_bytes(shape, train, ranks, "adamw", unit)["workspace"]
-    return source.family, predict_peak_bytes(shape, train, ranks, "adamw", cal), layer
+    return source.family, predict_peak_bytes(shape, train, ranks, "adamw", cal, frozen_rank), layer
 
 
 def fit_workspace(rows: list[dict]) -> dict:
@@ -373,8 +387,11 @@ def fit_workspace(rows: list[dict]) -> dict:
     return {"configs": [r["config"] for r in fit], "workspace_bytes": float(fixed), "workspace_layers": float(layers)}
 
 
-def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: list[int], args) -> dict:
+def run_config(
+    name: str, model: str, path: str, batch: int, seq: int, ranks: list[int], args, frozen_rank: int = 0
+) -> dict:
     spec = {"path": path, "batch": batch, "seq_len": seq, "ranks": ranks, "steps": args.steps, "threads": args.threads}
+    spec["frozen_rank"] = frozen_rank
     spec["device"] = args.device
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -400,6 +417,7 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
         "batch": batch,
         "seq_len": seq,
         "ranks": " ".join(map(str, ranks)),
+        "frozen_rank": frozen_rank,
         "measured": result["measured"],
         "counted_activations": result["counted_activations"],
         "counted_weight_casts": result["counted_weight_casts"],
@@ -424,7 +442,8 @@ def run_config(name: str, model: str, path: str, batch: int, seq: int, ranks: li
 def _with_prediction(row: dict, path: str, device: str) -> dict:
     """``row`` (a measurement) with the current model's prediction and errors."""
     ranks = [int(r) for r in str(row["ranks"]).split()]
-    family, pred, layer = predict(path, int(row["batch"]), int(row["seq_len"]), ranks, device)
+    frozen_rank = int(row.get("frozen_rank") or 0)  # absent from results measured before the column
+    family, pred, layer = predict(path, int(row["batch"]), int(row["seq_len"]), ranks, device, frozen_rank)
     measured, counted = int(row["measured"]), int(row["counted_activations"])
     return {
         **row,
@@ -512,8 +531,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = prepare_models(Path(tmp))
-        for name, model, batch, seq, ranks in configs:
-            row = run_config(name, model, paths[model], batch, seq, ranks, args)
+        for name, model, batch, seq, ranks, *frozen in configs:
+            row = run_config(name, model, paths[model], batch, seq, ranks, args, *frozen)
             print(
                 f"{name}: predicted {row['predicted'] / 1e6:.1f} MB, measured {row['measured'] / 1e6:.1f} MB, "
                 f"error {row['rel_error']:+.1%}",

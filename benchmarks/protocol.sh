@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The CPU protocol (configs/protocol.toml) for every method, through `flwr run` (atlas-run).
-# Results: benchmarks/results/protocol/<label>/ ; tables: the atlas-report command in the README
-# Usage: [SEED=43] benchmarks/protocol.sh [label ...]   (default: all labels below, seed 42)
-# A seed other than 42 writes to <label>-s<seed>/.
-# A label is a method, or a method with one switch changed (exact vs zero-pad vs factor-avg aggregation).
+# A protocol for every method, through `flwr run` (atlas-run).
+# Results: $OUT/<label>/ ; tables: the atlas-report commands in the README.
+# Usage: [SEED=43] [CONFIG=configs/protocol.toml] [OUT=benchmarks/results/protocol] benchmarks/protocol.sh [label ...]
+#   (default: every label of the v1 protocol below, seed 42). A seed other than 42 writes to <label>-s<seed>/.
+#   CONFIG=none runs the default config (pyproject.toml), as `atlas-run` with no config file does.
+# A label is a method, or a method with switches changed; each --set of a label is one word of extra[label].
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="$PWD/benchmarks/results/protocol"
+out=${OUT:-$PWD/benchmarks/results/protocol}
+config=${CONFIG:-configs/protocol.toml}
 declare -A extra=(
+  [centralized]=""
   [local-only]=""
   [fedavg]=""
   [fedavg-cluster]=""
@@ -18,21 +21,30 @@ declare -A extra=(
   [fedavg-cluster+split-auto]="split=\"auto\""
   [fedavg+fp16]="precision=\"fp16\""
   [fedavg+int8]="precision=\"int8\""
+  # Quality levers (issue 17), each one switch away from its method.
+  [fedavg-cluster+server-lr-2]="server-lr=2.0"
+  [atlas+server-lr-2]="server-lr=2.0"
+  [atlas+server-lr-2+a-orthonormal]="server-lr=2.0 factor-split=\"a-orthonormal\""
+  [atlas+server-lr-2+drop]="server-lr=2.0 frozen-layers=\"drop\""
+  [atlas+drop]="frozen-layers=\"drop\""
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
   fedavg-cluster+split-auto fedavg+fp16 fedavg+int8)
 labels=("$@")
 [ ${#labels[@]} -gt 0 ] || labels=("${order[@]}")
 for label in "${labels[@]}"; do
-  [ -v "extra[$label]" ] || { echo "unknown label $label: expected one of ${order[*]}" >&2; exit 2; }
+  [ -v "extra[$label]" ] || { echo "unknown label $label: expected one of ${!extra[*]}" >&2; exit 2; }
   method=${label%%+*}
   seed=${SEED:-42}
   name=$label
   [ "$seed" = 42 ] || name="$label-s$seed"
   sets=(--set "strategy=\"$method\"" --set "output-dir=\"$out\"" --set "run-name=\"$name\"" --set "seed=$seed")
-  [ -z "${extra[$label]}" ] || sets+=(--set "${extra[$label]}")
+  read -ra words <<< "${extra[$label]}"
+  for word in "${words[@]}"; do sets+=(--set "$word"); done
+  files=()
+  [ "$config" = none ] || files=("$config")
   rm -rf "${out:?}/$name"
   start=$(date +%s)
-  atlas-run configs/protocol.toml "${sets[@]}"
+  atlas-run "${files[@]}" "${sets[@]}"
   echo "$name: $(( $(date +%s) - start )) s end to end (atlas-run)" | tee "$out/$name/wall-clock.txt"
 done

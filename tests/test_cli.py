@@ -43,6 +43,8 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
         (["--set", "resume-from='/nonexistent/run'"], "resume-from '/nonexistent/run' holds no checkpoint"),
         (["--set", "min-clients=20"], "'min-clients' = 20 is not allowed: expected an integer <= the 8 clients"),
         (["--ray-cpus", "1", "--client-cpus", "2"], "--ray-cpus 1 is below --client-cpus 2"),
+        (["--set", "seed=abc"], "'seed' = 'abc' is not allowed: expected an integer >= 0"),
+        (["--set", "split=0"], "'split' = '0' is not allowed: expected none, auto, or a block index >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, monkeypatch) -> None:

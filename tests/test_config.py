@@ -72,6 +72,10 @@ def test_bad_values_name_key_value_and_allowed(run_config: dict, key: str, value
     assert f"'{key}'" in message and repr(value) in message and allowed in message
 
 
+def test_a_split_block_written_as_an_integer_is_the_same_as_its_string(run_config: dict) -> None:
+    assert Config.from_run_config({**run_config, "split": 3}).split == "3"
+
+
 def test_missing_and_unknown_keys(run_config: dict) -> None:
     missing = dict(run_config)
     del missing["lr"]

@@ -97,6 +97,8 @@ def test_sigterm_mid_run_stops_every_process_it_started(tmp_path: Path, glue_dir
         "--set",
         "num-server-rounds=100",
         "--set",
+        'strategy="fedavg"',  # no fingerprint phase before round 1: the test waits for round 1
+        "--set",
         f"output-dir={json.dumps(str(tmp_path / 'outputs'))}",
         "--set",
         f"data-dir={json.dumps(glue_dir)}",
