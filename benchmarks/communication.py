@@ -1,7 +1,7 @@
 """Communication per client and round: full-model FedAvg, LoRA in fp32 / fp16 / int8, and split learning.
 
     benchmarks/protocol.sh fedavg fedavg+fp16 fedavg+int8 fedavg-cluster+split-auto   # the runs (CPU protocol)
-    python benchmarks/communication.py [--readme README.md]                           # the table
+    python benchmarks/communication.py [--readme docs/results.md]                     # the table
 
 Every LoRA and split number is counted from the real messages of a committed protocol run
 (``benchmarks/results/protocol/<label>/rounds.json``): ``bytes-received`` (train replies; evaluation replies

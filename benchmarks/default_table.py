@@ -1,4 +1,4 @@
-"""Print the README's results table from the committed default-experiment runs.
+"""Print the default-settings table of docs/results.md from the committed default-experiment runs.
 
 python benchmarks/default_table.py [benchmarks/results/default]
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The EuroSAT baseline of the README: FedAvg, 10 IID clients, one run per precision through `flwr run`
+# The EuroSAT baseline of docs/eurosat.md: FedAvg, 10 IID clients, one run per precision through `flwr run`
 # (atlas-run), then atlas-ptq on the fp32 run's final model, then the tables and the figure.
 # Results: benchmarks/results/eurosat/<precision>/ and benchmarks/results/eurosat/ptq/ (models are not committed).
 # Usage: benchmarks/eurosat.sh [precision ...]   (default: fp32 fp16 int8; ptq runs when fp32 is among them)

@@ -1,8 +1,8 @@
-"""Print the README's EuroSAT tables (precisions, PTQ) and draw the accuracy-vs-round figure.
+"""Print the EuroSAT tables of docs/eurosat.md (precisions, PTQ) and draw the accuracy-vs-round figure.
 
-python benchmarks/eurosat_table.py [benchmarks/results/eurosat] [--readme README.md]
+python benchmarks/eurosat_table.py [benchmarks/results/eurosat] [--readme docs/eurosat.md]
 
-Writes eurosat.png there; with ``--readme`` also rewrites the README's ``eurosat-precisions`` and
+Writes eurosat.png there; with ``--readme`` also rewrites the file's ``eurosat-precisions`` and
 ``eurosat-ptq`` sections (between their ``<!-- atlas-report:... -->`` markers) with the tables.
 """
 
@@ -99,7 +99,7 @@ def figure(root: Path) -> None:
 
 
 def readme_sections(root: Path) -> dict[str, str]:
-    """The README sections these results fill, by marker name."""
+    """The docs/eurosat.md sections these results fill, by marker name."""
     return {
         "eurosat-precisions": "\n".join(precision_table(root)),
         "eurosat-ptq": "\n".join(ptq_table(root)) or "(atlas-ptq has not run on these results)",
@@ -107,7 +107,7 @@ def readme_sections(root: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    """Print both tables, write ``eurosat.png``, and fill the README's sections when asked."""
+    """Print both tables, write ``eurosat.png``, and fill the file's sections when asked."""
     import argparse
 
     from atlas_flwr.report import write_sections

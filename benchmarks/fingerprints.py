@@ -63,7 +63,7 @@ def run_case(cfg: Config, settings: FingerprintSettings, features: list[tuple], 
 
 
 def markdown_table(csv_path: Path) -> str:
-    """The committed results as the README's markdown table."""
+    """The committed results as the markdown table of docs/results.md."""
     with csv_path.open() as fh:
         rows = list(csv.DictReader(fh))
     lines = [

@@ -1,6 +1,6 @@
-"""The README's framework-overhead table, from the committed ``overhead.json`` files.
+"""The framework-overhead table of docs/results.md, from the committed ``overhead.json`` files.
 
-    python benchmarks/overhead_table.py [--readme README.md]
+    python benchmarks/overhead_table.py [--readme docs/results.md]
 
 Each row is one run of ``benchmarks/overhead.py``: on this machine (2 cores, 2 or 1 client threads) and on
 a lent 16-core H200 machine (``benchmarks/overhead_device.sh``: 2 CPU threads, and the GPU).
@@ -54,7 +54,7 @@ def table(root: Path) -> str:
 
 
 def main() -> None:
-    """Print the table; with ``--readme``, write it between the README's overhead markers."""
+    """Print the table; with ``--readme``, write it between the file's overhead markers."""
     from atlas_flwr.report import write_sections
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A protocol for every method, through `flwr run` (atlas-run).
-# Results: $OUT/<label>/ ; tables: the atlas-report commands in the README.
+# Results: $OUT/<label>/ ; tables: the atlas-report commands in docs/results.md.
 # Usage: [SEED=43] [CONFIG=configs/protocol.toml] [OUT=benchmarks/results/protocol] benchmarks/protocol.sh [label ...]
 #   (default: every label of the v1 protocol below, seed 42). A seed other than 42 writes to <label>-s<seed>/.
 #   CONFIG=none runs the default config (pyproject.toml), as `atlas-run` with no config file does.

@@ -2,7 +2,7 @@
 
     python benchmarks/split_cuts.py --out benchmarks/results/split          # measure (about 15 min on 2 cores)
     python benchmarks/split_cuts.py --table benchmarks/results/split        # the markdown table of the results
-    python benchmarks/split_cuts.py --table benchmarks/results/split --readme README.md   # ... into the README
+    python benchmarks/split_cuts.py --table benchmarks/results/split --readme docs/split-learning.md   # ... into the docs
 
 Setting: batch 16, every batch padded to 128 tokens (``padding = "max-length"``), LoRA rank 8 on query/value,
 AdamW; the issue's reference point is cut 2.

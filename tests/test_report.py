@@ -131,7 +131,7 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
     assert readme.read_text() == "no markers here\n"  # nothing lost
 
 
-#: The README's generated sections: the runs each is made of, the reference method, the marker name.
+#: The generated sections of docs/results.md: the runs each is made of, the reference method, the marker name.
 README_REPORTS = [
     (["benchmarks/results/protocol"], "fedavg", "protocol"),
     (
@@ -159,14 +159,14 @@ README_REPORTS = [
 def test_the_readme_results_are_the_committed_runs_report(
     tmp_path: Path, runs: list[str], reference: str, section: str
 ) -> None:
-    """The README's result tables are atlas-report's output on the committed runs, not typed in."""
+    """The result tables of docs/results.md are atlas-report's output on the committed runs, not typed in."""
     root = Path(__file__).resolve().parents[1]
-    readme = tmp_path / "README.md"
-    readme.write_text((root / "README.md").read_text())
+    readme = tmp_path / "results.md"
+    readme.write_text((root / "docs/results.md").read_text())
     args = [*(str(root / r) for r in runs), "--out", str(tmp_path / "r"), "--readme", str(readme)]
     assert main([*args, "--reference", reference, "--section", section]) == 0
-    assert readme.read_text() == (root / "README.md").read_text(), (
-        f"README is out of date: run the atlas-report command above its {section} table"
+    assert readme.read_text() == (root / "docs/results.md").read_text(), (
+        f"docs/results.md is out of date: run the atlas-report command above its {section} table"
     )
 
 
@@ -181,27 +181,29 @@ def _benchmark(name: str):
 
 
 def test_the_readme_eurosat_tables_are_the_committed_results() -> None:
-    """The README's EuroSAT tables are benchmarks/eurosat_table.py's output on the committed results."""
+    """The EuroSAT tables of docs/eurosat.md are benchmarks/eurosat_table.py's output on the committed results."""
     from atlas_flwr.report import update_section
 
     root = Path(__file__).resolve().parents[1]
     module = _benchmark("eurosat_table")
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs/eurosat.md").read_text()
     expected = readme
     for name, body in module.readme_sections(root / "benchmarks/results/eurosat").items():
         expected = update_section(expected, name, body)
     assert "| fp32 |" in expected
-    assert readme == expected, "README is out of date: run python benchmarks/eurosat_table.py --readme README.md"
+    assert readme == expected, (
+        "docs/eurosat.md is out of date: run python benchmarks/eurosat_table.py --readme docs/eurosat.md"
+    )
 
 
 def test_the_readme_communication_table_is_the_committed_one() -> None:
     from atlas_flwr.report import update_section
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs/results.md").read_text()
     table = (root / "benchmarks/results/communication/communication.md").read_text()
     assert readme == update_section(readme, "communication", table), (
-        "README is out of date: run python benchmarks/communication.py --readme README.md"
+        "docs/results.md is out of date: run python benchmarks/communication.py --readme docs/results.md"
     )
 
 
@@ -211,9 +213,10 @@ def test_the_readme_split_cuts_table_is_the_committed_one() -> None:
     root = Path(__file__).resolve().parents[1]
     module = _benchmark("split_cuts")
     rows = json.loads((root / "benchmarks/results/split/split.json").read_text())["rows"]
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs/split-learning.md").read_text()
     assert readme == update_section(readme, "split-cuts", module.table(rows)), (
-        "README is out of date: run python benchmarks/split_cuts.py --table benchmarks/results/split --readme README.md"
+        "docs/split-learning.md is out of date: run python benchmarks/split_cuts.py --table benchmarks/results/split "
+        "--readme docs/split-learning.md"
     )
 
 
@@ -223,7 +226,7 @@ def test_the_readme_overhead_table_is_the_committed_results() -> None:
     root = Path(__file__).resolve().parents[1]
     body = _benchmark("overhead_table").table(root / "benchmarks/results/overhead")
     assert "16 cores, NVIDIA H200" in body and "2 cores, CPU, 1 thread(s)" in body
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs/results.md").read_text()
     assert readme == update_section(readme, "overhead", body), (
-        "README is out of date: run python benchmarks/overhead_table.py --readme README.md"
+        "docs/results.md is out of date: run python benchmarks/overhead_table.py --readme docs/results.md"
     )
