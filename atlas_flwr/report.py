@@ -205,13 +205,18 @@ def write_sections(path: Path, sections: dict[str, str]) -> None:
 
 
 def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
-    """Each method against ``reference`` on (seed, client) pairs of final main metrics."""
+    """Each method against ``reference`` on (seed, task) pairs: the task's final main metric, mean of its clients.
+
+    The unit is (seed, task), not (seed, client): a task's clients evaluate on the same rows, and under
+    FedAvg-like methods with the same model, so per-client pairs repeat one measurement (36 pairs where 12
+    are distinct on the protocol). Tasks and seeds are distinct units for every method.
+    """
     from scipy.stats import wilcoxon
 
-    scores: dict[str, dict[tuple[int, int], float]] = defaultdict(dict)
+    scores: dict[str, dict[tuple[int, str], float]] = defaultdict(dict)
     for run in runs:
-        for client, value in run.client_main().items():
-            scores[run.method][(run.seed, client)] = value
+        for task in run.tasks:
+            scores[run.method][(run.seed, task)] = float(run.rounds[-1][f"{task}-{MAIN_METRIC[task]}"])
     if reference not in scores:
         raise ValueError(f"reference method {reference!r} is not among the runs: {', '.join(sorted(scores))}")
     rows = []
@@ -228,7 +233,7 @@ def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
             {
                 "method": method,
                 "reference": reference,
-                "pairs (seed, client)": str(len(keys)),
+                "pairs (seed, task)": str(len(keys)),
                 "mean difference": f"{diff.mean():+.4f}" if len(diff) else "",
                 "wins / ties / losses": f"{(diff > 0).sum()} / {(diff == 0).sum()} / {(diff < 0).sum()}",
                 "Wilcoxon p": f"{p:.3g}",

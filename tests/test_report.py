@@ -67,8 +67,10 @@ def test_tables_figures_and_paired_comparison(tmp_path: Path, capsys) -> None:
     assert "0.710 ± 0.014" in methods
     assert "atlas+aggregation=zero-pad" in methods and "| 100 | 1 |" in methods
     paired = (out / "paired.csv").read_text().splitlines()
-    # pairs: (+0.05, +0.01, -0.01, +0.12): mean +0.0425, 3 wins, 1 loss
-    assert paired[1].startswith("atlas+aggregation=zero-pad,fedavg,4,+0.0425,3 / 0 / 1,")
+    # (seed, task) units: task means 0.78 - 0.75 and 0.805 - 0.75: mean +0.0425, 2 wins. Per client they
+    # would be 4 pairs with a loss among them (+0.05, +0.01, -0.01, +0.12): the clients share evaluation rows.
+    assert paired[0].startswith('method,reference,"pairs (seed, task)",')
+    assert paired[1].startswith("atlas+aggregation=zero-pad,fedavg,2,+0.0425,2 / 0 / 0,")
     for name in ("convergence", "clients-heatmap", "adjacency", "ranks", "communication"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -120,7 +122,7 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
         "# Title\n\nbefore\n<!-- atlas-report:results -->\n| method | seeds | k / ARI | sst2 accuracy |"
     )
     assert text.endswith("<!-- /atlas-report:results -->\nafter\n") and "stale" not in text
-    assert "| atlas | fedavg | 2 | +0.0300 | 2 / 0 / 0 |" in text  # the paired table follows
+    assert "| atlas | fedavg | 1 | +0.0300 | 1 / 0 / 0 |" in text  # the paired table follows
     # Idempotent: a second run leaves the file as it is.
     assert main([str(runs), "--out", str(tmp_path / "r"), "--readme", str(readme)]) == 0
     assert readme.read_text() == text
