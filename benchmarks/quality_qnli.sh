@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Where the federated-to-centralized gap on QNLI comes from (issue 17): the default config's QNLI rows
+# (2 clients x 768 rows, 3 rounds of 1 epoch, max length 64), one switch changed per run, in process
+# (benchmarks/inprocess.py: the real ServerApp and ClientApp, no Ray), about 2.5 min a run on 2 cores.
+# Results: benchmarks/results/quality-qnli/<name>/ ; usage: benchmarks/quality_qnli.sh [name ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="$PWD/benchmarks/results/quality-qnli"
+declare -A sets=(
+  [centralized]="strategy=centralized"
+  [fedavg]="strategy=fedavg server-lr=1.0"
+  [fedavg-slr2]="strategy=fedavg server-lr=2.0"
+  [fedavg-slr3]="strategy=fedavg server-lr=3.0"
+  [exact]="strategy=fedavg aggregation=exact server-lr=1.0"
+  [exact-aorth]="strategy=fedavg aggregation=exact factor-split=a-orthonormal server-lr=1.0"
+  [exact-aorth-slr2]="strategy=fedavg aggregation=exact factor-split=a-orthonormal server-lr=2.0"
+)
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(centralized fedavg fedavg-slr2 fedavg-slr3 exact exact-aorth exact-aorth-slr2)
+for name in "${names[@]}"; do
+  [ -v "sets[$name]" ] || { echo "unknown run $name: expected one of ${!sets[*]}" >&2; exit 2; }
+  args=()
+  read -ra words <<< "${sets[$name]}"
+  for word in "${words[@]}"; do args+=(--set "$word"); done
+  rm -rf "${out:?}/$name"
+  python benchmarks/inprocess.py configs/smoke.toml --output-dir "$out" --run-name "$name" \
+    --set 'tasks="qnli"' --set clients-per-task=2 --set max-samples-per-client=768 --set max-eval-samples=872 \
+    --set num-server-rounds=3 "${args[@]}"
+  rm -rf "${out:?}/$name/checkpoint"
+done
