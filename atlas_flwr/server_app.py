@@ -192,26 +192,37 @@ def evaluation_groups(
 def decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State], precision: str = "fp32") -> Update:
     """Decode a train reply; raise ValueError (one line) if it cannot be aggregated.
 
-    Missing or unexpected records, a payload larger than the sent state, keys or shapes that differ
-    from what was ``sent`` (a LoRA rank above the assigned one among them), and NaN or infinite
-    values are refused here, so they never reach the aggregate. ``sent`` is what the client holds
-    (the decoded download); in fp16 and int8 the reply is an update relative to it.
+    Missing or unexpected records, a payload larger than the sent state (every record counted), keys
+    or shapes that differ from what was ``sent`` (a LoRA rank above the assigned one among them), NaN
+    or infinite values, and a ``num-examples`` outside 1 .. the rows the client described are refused
+    here, so they never reach the aggregate; so is a reply that fails to decode at all. ``sent`` is
+    what the client holds (the decoded download); in fp16 and int8 the reply is an update relative to it.
     """
+    try:
+        return _decode_train_reply(client, msg, sent, precision)
+    except (TypeError, OverflowError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(f"reply does not decode: {type(err).__name__}: {err}".splitlines()[0]) from err
+
+
+def _decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, State], precision: str) -> Update:
     content = msg.content
     missing = [n for n in ("adapter", "head") if n not in content.array_records]
     if missing or "metrics" not in content.metric_records:
         raise ValueError(f"missing records {missing or ['metrics']}")
-    extra = sorted(set(content.array_records) - {"adapter", "head"})
-    if extra:
-        raise ValueError(f"unexpected array records {extra[:3]}")
-    # Checked before decoding: the reply holds exactly the tensors sent, so anything larger is not an update.
+    extra = sorted(set(content.array_records) - {"adapter", "head"}) + sorted(set(content.metric_records) - {"metrics"})
+    if extra or content.config_records:
+        raise ValueError(f"unexpected records {(extra + sorted(content.config_records))[:3]}")
+    # Checked before decoding: the reply holds exactly the tensors sent (and its metrics), so anything larger
+    # is not an update. Every record counts, so no payload can ride along in metrics.
     limit = sum(v.nbytes for state in sent for v in state.values()) + REPLY_SLACK_BYTES
-    size = message_bytes(msg)
+    size = message_bytes(msg) + sum(r.count_bytes() for r in content.metric_records.values())
     if size > limit:
         raise ValueError(f"payload of {size} bytes exceeds the {limit} bytes an update of the sent shapes takes")
     metrics = dict(content.metric_records["metrics"])
-    if "num-examples" not in metrics or metrics["num-examples"] <= 0:
-        raise ValueError(f"num-examples = {metrics.get('num-examples')!r}: expected a positive count")
+    count = metrics.get("num-examples")
+    # The weight a client gets in the average is bounded by the rows it described before round 1.
+    if not isinstance(count, int | float) or not np.isfinite(count) or not 0 < count <= client.num_train:
+        raise ValueError(f"num-examples = {count!r}: expected a count in 1..{client.num_train} (its described rows)")
     decoded = []
     for name, reference in (("adapter", sent[0]), ("head", sent[1])):
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from atlas_flwr.checkpoint import load_checkpoint, save_checkpoint
 from atlas_flwr.client_app import app as client_app
@@ -192,7 +192,15 @@ def _corrupt(case: str) -> tuple[dict, dict, dict]:
     elif case == "oversized":
         adapter["m.lora_B.weight"] = np.ones((4, 50_000), np.float32)
     elif case == "extra-record":
-        extra["padding"] = {"pad": np.zeros(16, np.float32)}
+        extra["padding"] = to_record({"pad": np.zeros(16, np.float32)})
+    elif case == "config-record":  # 10 MB riding along in a ConfigRecord
+        extra["config"] = ConfigRecord({"blob": "x" * 10_000_000})
+    elif case == "metric-junk":  # 10 MB in the metrics record itself
+        extra["metrics"] = MetricRecord({"num-examples": 10, "train-loss": 0.1, "junk": [0.0] * 1_250_000})
+    elif case == "claims-any-weight":
+        extra["metrics"] = MetricRecord({"num-examples": 1e12, "train-loss": 0.1})
+    elif case == "infinite-count":
+        extra["metrics"] = MetricRecord({"num-examples": float("inf"), "train-loss": 0.1})
     return adapter, head, extra
 
 
@@ -201,9 +209,8 @@ def _reply(node: int, adapter: dict, head: dict, extra: dict | None = None) -> M
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     records = {"adapter": to_record(adapter), "head": to_record(head)}
-    records |= {k: to_record(v) for k, v in (extra or {}).items()}
-    content = RecordDict({**records, "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.1})})
-    return Message(content, dst_node_id=node, message_type="train")
+    records |= {"metrics": MetricRecord({"num-examples": 10, "train-loss": 0.1}), **(extra or {})}
+    return Message(RecordDict(records), dst_node_id=node, message_type="train")
 
 
 def _pipeline() -> PersonalizedPipeline:
@@ -222,7 +229,11 @@ def _pipeline() -> PersonalizedPipeline:
         ("wrong-shape", "has shape"),
         ("rank-above-assigned", "rank 4: above the assigned 2"),
         ("oversized", "exceeds the"),
-        ("extra-record", "unexpected array records"),
+        ("extra-record", "unexpected records ['padding']"),
+        ("config-record", "unexpected records ['config']"),
+        ("metric-junk", "payload of 10000"),
+        ("claims-any-weight", "num-examples = 1000000000000.0: expected a count in 1..10"),
+        ("infinite-count", "num-examples = inf"),
     ],
 )
 def test_a_rejected_reply_leaves_the_aggregate_unaffected(case: str, reason: str, caplog) -> None:

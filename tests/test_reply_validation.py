@@ -17,7 +17,7 @@ SENT = (
 )
 
 
-def _reply(adapter=None, head=None, metrics=None, drop=()) -> Message:
+def _reply(adapter=None, head=None, metrics=None, drop=(), extra=None) -> Message:
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
@@ -25,7 +25,7 @@ def _reply(adapter=None, head=None, metrics=None, drop=()) -> Message:
         "adapter": to_record(SENT[0] if adapter is None else adapter),
         "head": to_record(SENT[1] if head is None else head),
         "metrics": MetricRecord(metrics or {"num-examples": 10, "train-loss": 0.5}),
-        "config": ConfigRecord({"x": 1}),
+        **(extra or {}),
     }
     for name in drop:
         del records[name]
@@ -46,6 +46,18 @@ def test_a_good_reply_decodes() -> None:
         ({"adapter": {**SENT[0], "extra": np.zeros(1, np.float32)}}, "keys differ from those sent: \\['extra'\\]"),
         ({"drop": ("head",)}, "missing records \\['head'\\]"),
         ({"metrics": {"num-examples": 0}}, "num-examples = 0"),
+        # One client must not claim any weight it likes: at most the rows it described (10 here).
+        ({"metrics": {"num-examples": 1e12}}, r"num-examples = 1000000000000.0: expected a count in 1..10"),
+        ({"metrics": {"num-examples": float("inf")}}, "num-examples = inf"),
+        ({"metrics": {"num-examples": 11}}, "num-examples = 11"),
+        ({"metrics": {"num-examples": [1, 2]}}, r"num-examples = \[1, 2\]"),
+        ({"extra": {"config": ConfigRecord({"x": 1})}}, r"unexpected records \['config'\]"),
+        ({"extra": {"more": MetricRecord({"x": 1.0})}}, r"unexpected records \['more'\]"),
+        # Metrics count against the size limit: 10 MB of them is not an update.
+        (
+            {"metrics": {"num-examples": 10, "junk": [0.0] * 1_250_000}},
+            r"payload of 10000\d{3} bytes exceeds the 65608 bytes",
+        ),
     ],
 )
 def test_bad_replies_are_refused(kwargs: dict, match: str) -> None:
