@@ -1,7 +1,9 @@
-"""Checks that need more than the config's types: the model and the data exist."""
+"""Checks that need more than the config's types: the model, the data and the output folder exist and fit."""
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 
 from atlas_flwr.checkpoint import checkpoint_to_resume
@@ -13,7 +15,9 @@ from atlas_flwr.models.registry import resolve_model
 
 def preflight(cfg: Config) -> None:
     """Fail early, in one line, on an unknown model, a missing data folder or split, keys that
-    contradict each other, or a checkpoint that cannot be resumed.
+    contradict each other or the model, an output folder that cannot be made, or a checkpoint that
+    cannot be resumed. ``atlas-run --check`` and the ServerApp both call it, so a bad value is refused
+    the same way wherever it comes in.
 
     Hub data is not probed here (that needs the network); it fails on first load instead.
     """
@@ -23,6 +27,7 @@ def preflight(cfg: Config) -> None:
         raise ConfigError("lr-schedule", cfg.lr_schedule, "constant with split learning (its halves keep AdamW state)")
     if cfg.split != "none" and cfg.precision != "fp32":
         raise ConfigError("precision", cfg.precision, "fp32 with split learning (activations travel in fp32)")
+    _check_output_dir(cfg)
     checkpoint_to_resume(cfg.resume_from, cfg.to_dict())
     if cfg.workload == "eurosat":
         # The CNN workload needs neither the language model nor GLUE: a machine may hold only EuroSAT.
@@ -31,10 +36,65 @@ def preflight(cfg: Config) -> None:
             raise DataError(
                 f"EuroSAT file {npz!r} not found: expected eurosat_rgb_jpeg.npz (see the data README) or '' for the hub"
             )
+        if npz and Path(npz).stat().st_size and not zipfile.is_zipfile(npz):
+            raise DataError(f"EuroSAT file {npz!r} is not a readable npz (truncated or not a zip archive)")
         return
-    resolve_model(cfg.model)
+    _check_model_fits(cfg)
     data_dir = cfg.resolved_data_dir()
     if data_dir:
         for task in cfg.tasks:
             for split in ("train", "validation"):
-                load_split(task, split, data_dir)
+                rows = len(load_split(task, split, data_dir))
+                if split == "train" and rows < cfg.clients_per_task:
+                    raise ConfigError(
+                        "clients-per-task", cfg.clients_per_task, f"at most the {rows} train rows of {task}"
+                    )
+
+
+def _check_output_dir(cfg: Config) -> None:
+    """The output folder exists, or its nearest existing parent is a folder this process may write in."""
+    path = cfg.resolved_output_dir()
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        what = "not a directory" if not parent.is_dir() else "not writable"
+        raise ConfigError("output-dir", str(path), f"a directory that can be created ({str(parent)!r} is {what})")
+
+
+def _check_model_fits(cfg: Config) -> None:
+    """LoRA rank, split block and simulated memory tiers against the model's shape."""
+    from transformers import AutoConfig
+
+    from strategies.memory import Calibration, ModelShape, TrainShape, parse_size, predict_peak_bytes
+    from strategies.pipeline import resolve_switches
+
+    source = resolve_model(cfg.model)
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)
+    largest = min(min(i, o) for i, o in shape.lora_targets_per_layer)
+    if cfg.lora_rank > largest:
+        raise ConfigError("lora-rank", cfg.lora_rank, f"an integer in [1, {largest}] for {cfg.model}'s projections")
+    if cfg.split not in ("none", "auto") and int(cfg.split) >= shape.num_layers:
+        raise ConfigError(
+            "split", cfg.split, f"none, auto, or a block index in 1..{shape.num_layers - 1} ({cfg.model})"
+        )
+    if resolve_switches(cfg.strategy, cfg.clustering, cfg.ranks, cfg.aggregation).ranks != "budget":
+        return
+    # The smallest simulated tier must train at least the top layer at rank 1 (a SuperNode's own
+    # `memory` is checked by the server when it plans). The cheaper of the two devices' constants:
+    # a config is refused only when it fits neither.
+    smallest = min(parse_size(t) for t in cfg.device_tiers.split(",")) * cfg.device_scale
+    frozen = cfg.lora_rank if cfg.frozen_layers == "use" else 0
+    top = [0] * (shape.num_layers - 1) + [1]
+    step = TrainShape(batch=cfg.batch_size, seq_len=cfg.max_length)
+    need = min(
+        predict_peak_bytes(shape, step, top, calibration=Calibration.for_device(d), frozen_rank=frozen)["total"]
+        for d in ("cpu", "cuda")
+    )
+    if smallest < need:
+        raise ConfigError(
+            "device-tiers",
+            cfg.device_tiers,
+            f"tiers x device-scale ({cfg.device_scale:g}) of at least {need / 1e6:.0f} MB: "
+            f"the smallest ({smallest / 1e6:.0f} MB) cannot train one LoRA layer of {cfg.model}",
+        )

@@ -45,13 +45,41 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
         (["--ray-cpus", "1", "--client-cpus", "2"], "--ray-cpus 1 is below --client-cpus 2"),
         (["--set", "seed=abc"], "'seed' = 'abc' is not allowed: expected an integer >= 0"),
         (["--set", "split=0"], "'split' = '0' is not allowed: expected none, auto, or a block index >= 1"),
+        # Values that pass the type checks but not the model, the data, the devices or the disk.
+        (["--set", "lora-rank=500"], "'lora-rank' = 500 is not allowed: expected an integer in [1, 384]"),
+        (["--set", "split='99'"], "'split' = '99' is not allowed: expected none, auto, or a block index in 1..5"),
+        (["--set", "split=6"], "block index in 1..5"),
+        (["--set", "device-tiers='1MB'"], "'device-tiers' = '1MB' is not allowed: expected tiers x device-scale"),
+        (["--set", "device-scale=0.001"], "cannot train one LoRA layer of minilm-l6"),
+        (["--set", "clients-per-task=100000"], "expected at most the 67349 train rows of sst2"),
+        (["--set", "output-dir='{tmp}/a-file/outputs'"], "is not a directory)"),
+        (["--set", "workload='eurosat'", "--set", "eurosat-data='{tmp}/truncated.npz'"], "is not a readable npz"),
+        (["--set", "lr=2.0"], "'lr' = 2.0 is not allowed: expected a number in (0.0, 1.0]"),
+        (["--set", "server-lr=0"], "'server-lr' = 0.0 is not allowed: expected a number in (0.0, 10.0]"),
+        (["--set", "frozen-layers='keep'"], "'frozen-layers' = 'keep' is not allowed: expected one of use, drop"),
+        (["--set", "factor-split='even'"], "expected one of balanced, a-orthonormal"),
+        (["--set", "aggregation='mean'"], "'aggregation' = 'mean' is not allowed"),
+        (["--set", "ranks='dense'"], "'ranks' = 'dense' is not allowed"),
+        (["--set", "laplacian-eta=1.5"], "'laplacian-eta' = 1.5 is not allowed: expected a number in [0.0, 1.0]"),
+        (["--set", "precision='int4'"], "'precision' = 'int4' is not allowed: expected one of fp32, fp16, int8"),
+        (["--set", "batch-size=0"], "'batch-size' = 0 is not allowed: expected an integer >= 1"),
+        (["--set", "max-length=4"], "'max-length' = 4 is not allowed: expected an integer >= 8"),
+        (["--set", "device='tpu'"], "'device' = 'tpu' is not allowed: expected one of auto, cpu, cuda"),
+        (["--set", "pooling='max'"], "'pooling' = 'max' is not allowed"),
+        (["--set", "num-server-rounds=0"], "'num-server-rounds' = 0 is not allowed: expected an integer >= 1"),
+        (["--set", "lr-schedule='step'"], "'lr-schedule' = 'step' is not allowed"),
+        (["--set", "split='auto'", "--set", "precision='int8'"], "'precision' = 'int8' is not allowed: expected fp32"),
+        (["--set", "learning-rate=0.1"], "'learning-rate'"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, monkeypatch) -> None:
+def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(ROOT)
+    (tmp_path / "a-file").write_text("a file where a folder should be")
+    (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04 cut short")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main([*args, "--check", "--app", str(ROOT)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and needle in err, err
+    assert err.count("\n") == 0 and needle in err and "Traceback" not in err, err
 
 
 def test_flower_tool_prefers_the_interpreters_own_then_path_then_names_what_is_missing(tmp_path, monkeypatch) -> None:

@@ -99,3 +99,13 @@ def test_output_dir_must_be_absolute(run_config: dict) -> None:
 def test_client_id_out_of_range(run_config: dict) -> None:
     with pytest.raises(ConfigError, match=r"'partition-id' = 8 .* \[0, 8\)"):
         Config.from_run_config(run_config).task_of(8)
+
+
+def test_the_documented_key_table_lists_every_key_the_config_reads() -> None:
+    import re
+
+    from tests.conftest import ROOT
+
+    rows = [line for line in (ROOT / "docs" / "configuration.md").read_text().splitlines() if line.startswith("| `")]
+    documented = {key for row in rows for key in re.findall(r"`([a-z0-9-]+)`", row.split(" | ")[0])}
+    assert documented == set(config_keys())
