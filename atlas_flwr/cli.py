@@ -121,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ray_cpus is not None:
             federation["init_args_num_cpus"] = args.ray_cpus
         with LocalSuperLink() as link:
-            print(f"atlas-run: SuperLink pid {link.process.pid} on port {link.port}", flush=True)
+            print(
+                f"atlas-run: SuperLink pid {link.process.pid} on port {link.port}, state in {link.workdir}", flush=True
+            )
             run_id = stream_flwr_run(link, app, values, federation)
             status = run_status(link, run_id)
     except AtlasError as err:

@@ -82,6 +82,8 @@ class LocalSuperLink(AbstractContextManager):
     """
 
     def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+        # A folder it made is its own: removed on stop, so no run leaves its state behind in the temp dir.
+        self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="atlas-superlink-"))
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
@@ -121,8 +123,8 @@ class LocalSuperLink(AbstractContextManager):
         deadline = time.monotonic() + 60
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 tail = (self.workdir / self.log_name).read_text(errors="replace")[-2000:]
+                self.stop()
                 raise AtlasError(f"the SuperLink did not start on port {self.port}: {tail.strip()[-300:]}")
             time.sleep(0.2)
         return self
@@ -132,6 +134,8 @@ class LocalSuperLink(AbstractContextManager):
         if self.process is not None:
             stop_family(self.process)
         self.process = None
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -451,7 +451,12 @@ def _train_federated(
 
 
 def _train_split(
-    grid: Grid, cfg: Config, split: Sequence[SplitClient], strategy: PersonalizedPipeline, server_round: int
+    grid: Grid,
+    cfg: Config,
+    split: Sequence[SplitClient],
+    strategy: PersonalizedPipeline,
+    server_round: int,
+    last_train: dict[int, dict[str, float]],
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """One round of split steps; each client's bottom and top are folded by the strategy like a federated
     update."""
@@ -465,6 +470,7 @@ def _train_split(
             f"round {server_round}: {len(updates)} clients finished split training of {len(split)}, fewer than "
             f"min-clients = {cfg.min_clients}; see the warnings above"
         )
+    last_train.update({u.client_id: u.metrics for u in updates})
     metrics = strategy.aggregate_train(updates)
     b = result.bytes
     io = {
@@ -630,7 +636,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         if split is None:
             train_metrics, train_io, extra = _train_federated(grid, cfg, clients, strategy, server_round, last_train)
         else:
-            train_metrics, train_io, extra = _train_split(grid, cfg, split, strategy, server_round)
+            train_metrics, train_io, extra = _train_split(grid, cfg, split, strategy, server_round, last_train)
         t1 = time.perf_counter()
         shared = evaluation_groups(clients, strategy)
         ok_eval, eval_io = _send(

@@ -70,6 +70,8 @@ def test_flwr_run_completes_writes_results_and_stops_its_superlink(completed) ->
     assert (run_dir / "clients.csv").read_text().count("\n") == 3  # header + 2 clients
     assert json.loads((run_dir / "clusters.json").read_text())["clustering"] == "learned"
     assert _gone(_superlink_pid(result.stdout))
+    state = re.search(r"state in (\S+)", result.stdout)
+    assert state and not Path(state.group(1)).exists()  # its temporary state folder went with it
 
 
 def test_a_failed_serverapp_is_reported_as_failed(tmp_path: Path, glue_dir: str) -> None:

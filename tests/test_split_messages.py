@@ -158,6 +158,9 @@ def test_split_run_end_to_end_in_the_round_loop(cfg_values: dict) -> None:
         assert all(np.array_equal(s[0][key], states[0][0][key]) for s in states)
         assert np.abs(states[0][0][key]).sum() > 0
     assert state_digest(states[0][1]) == state_digest(states[1][1]) != state_digest(states[2][1])
+    # Every client's final train loss reaches clients.csv, as in a federated run.
+    clients = json.loads((outcome.run_dir / "clients.json").read_text())
+    assert len(clients) == 4 and all(np.isfinite(c["train-loss"]) and c["train-loss"] > 0 for c in clients)
 
 
 def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
