@@ -216,7 +216,7 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         "ranks": "budget",
         "aggregation": "exact",
         "laplacian-eta": 0.5,
-        "server-lr": 2.0,
+        "server-lr": 1.0,
         "factor-split": "balanced",
     }
 
