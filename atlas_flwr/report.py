@@ -37,7 +37,11 @@ SWITCHES = {
     "precision": "fp32",
     "server-lr": 1.0,
     "factor-split": "balanced",
+    "frozen-layers": "use",
 }
+#: Switches whose value as the run used it is in its summary: a method that does not use one records its
+#: neutral value there (no server step without aggregation, no frozen layers without budget ranks).
+EFFECTIVE = ("server-lr", "frozen-layers")
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,17 @@ class Run:
         return {int(c["client-id"]): float(c[MAIN_METRIC[c["task"]]]) for c in self.clients}
 
 
-def method_label(run_config: dict[str, Any]) -> str:
-    """The strategy, plus every switch set away from its default (``atlas+aggregation=zero-pad``)."""
+def method_label(run_config: dict[str, Any], effective: dict[str, Any] | None = None) -> str:
+    """The strategy, plus every switch set away from its default (``atlas+aggregation=zero-pad``).
+
+    For the :data:`EFFECTIVE` switches the value the run's summary records (``effective``) wins over the
+    run config, so a switch the method does not use names no variant.
+    """
     label = str(run_config["strategy"])
     for key, default in SWITCHES.items():
         value = run_config.get(key, default)
+        if key in EFFECTIVE and effective and key in effective:
+            value = effective[key]
         if value != default:
             label += f"+{key}={value}"
     return label
@@ -90,11 +100,11 @@ def load_run(path: Path) -> Run:
         return json.loads(file.read_text())
 
     config = read("config.json")["run-config"]
-    read("summary.json")  # only finished runs are reported
+    summary = read("summary.json")  # only finished runs are reported
     adjacency = read("adjacency.json", {})
     return Run(
         path=path,
-        method=method_label(config),
+        method=method_label(config, summary.get("switches")),
         seed=int(config["seed"]),
         tasks=tuple(t.strip() for t in str(config["tasks"]).split(",")),
         rounds=read("rounds.json"),

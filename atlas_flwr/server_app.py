@@ -697,6 +697,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
                 "laplacian-eta": strategy.eta,
                 "server-lr": strategy.server_lr,
                 "factor-split": strategy.factor_split,
+                "frozen-layers": cfg.frozen_layers if switches.ranks == "budget" else "use",
             },
             "clusters-k": plan.clusters["k"],
             "clusters-ari": plan.clusters.get("ari-vs-declared-tasks"),

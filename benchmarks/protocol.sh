@@ -21,10 +21,11 @@ declare -A extra=(
   [fedavg-cluster+split-auto]="split=\"auto\""
   [fedavg+fp16]="precision=\"fp16\""
   [fedavg+int8]="precision=\"int8\""
-  # Quality levers (issue 17), each one switch away from its method (the defaults: server-lr 2, frozen-layers use).
-  [fedavg-cluster+server-lr-1]="server-lr=1.0"
+  # Quality levers (issue 17) on the default config (CONFIG=none), each one switch away from its method.
   [atlas+server-lr-1]="server-lr=1.0"
-  [atlas+a-orthonormal]="factor-split=\"a-orthonormal\""
+  [atlas+server-lr-2]="server-lr=2.0"
+  [atlas-no-laplacian+server-lr-2]="server-lr=2.0"
+  [fedavg-cluster+server-lr-2]="server-lr=2.0"
   [atlas+drop]="frozen-layers=\"drop\""
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg

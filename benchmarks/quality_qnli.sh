@@ -14,6 +14,7 @@ declare -A sets=(
   [exact]="strategy=fedavg aggregation=exact server-lr=1.0"
   [exact-aorth]="strategy=fedavg aggregation=exact factor-split=a-orthonormal server-lr=1.0"
   [exact-aorth-slr2]="strategy=fedavg aggregation=exact factor-split=a-orthonormal server-lr=2.0"
+  [fedavg-epochs2]="strategy=fedavg server-lr=1.0 local-epochs=2"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(centralized fedavg fedavg-slr2 fedavg-slr3 exact exact-aorth exact-aorth-slr2)

@@ -218,6 +218,7 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         "laplacian-eta": 0.5,
         "server-lr": 1.0,
         "factor-split": "balanced",
+        "frozen-layers": "use",
     }
 
 

@@ -75,18 +75,23 @@ def test_flwr_run_completes_writes_results_and_stops_its_superlink(completed) ->
 
 
 def test_a_failed_serverapp_is_reported_as_failed(tmp_path: Path, glue_dir: str) -> None:
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("a file where the output directory should go")
+    # Every train reply of round 1 fails on purpose (inject-failures, drawn per seed, client and round: both
+    # clients of seed 42 fail), so the ServerApp stops with "every client failed" after it started: a failure
+    # that preflight cannot see, as opposed to a bad config, which atlas-run refuses before anything starts.
     result = _atlas_run(
         "configs/smoke.toml",
         "--set",
-        f"output-dir={json.dumps(str(blocker / 'outputs'))}",
+        "inject-failures=0.9",
+        "--set",
+        'strategy="fedavg"',
+        "--set",
+        f"output-dir={json.dumps(str(tmp_path / 'outputs'))}",
         "--set",
         f"data-dir={json.dumps(glue_dir)}",
         env_extra={"FLWR_HOME": str(tmp_path / "flwr-home")},
     )
     assert result.returncode == 1, result.stdout[-2000:]
-    assert "finished:failed" in result.stderr
+    assert "finished:failed" in result.stderr and "every client failed in 'train'" in result.stderr
     assert _gone(_superlink_pid(result.stdout))
 
 

@@ -136,6 +136,7 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
 #: The generated sections of docs/results.md: the runs each is made of, the reference method, the marker name.
 README_REPORTS = [
     (["benchmarks/results/protocol"], "fedavg", "protocol"),
+    (["benchmarks/results/quality"], "atlas", "quality"),
     (
         [
             f"benchmarks/results/protocol/fedavg-cluster{split}{seed}"
@@ -232,3 +233,14 @@ def test_the_readme_overhead_table_is_the_committed_results() -> None:
     assert readme == update_section(readme, "overhead", body), (
         "docs/results.md is out of date: run python benchmarks/overhead_table.py --readme docs/results.md"
     )
+
+
+def test_a_switch_the_method_does_not_use_names_no_variant(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _write_run(runs, "centralized", 1, [0.8, 0.8], {"server-lr": 2.0})
+    _write_run(runs, "fedavg", 1, [0.7, 0.8], {"server-lr": 2.0})
+    # centralized aggregates nothing: its summary records the server step it used, none.
+    (runs / "centralized-1" / "summary.json").write_text(json.dumps({"rounds": 2, "switches": {"server-lr": 1.0}}))
+    assert main([str(runs), "--out", str(tmp_path / "r")]) == 0
+    methods = (tmp_path / "r" / "methods.md").read_text()
+    assert "| centralized | 1 |" in methods and "| fedavg+server-lr=2.0 | 1 |" in methods
