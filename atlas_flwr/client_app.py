@@ -16,7 +16,7 @@ from atlas_flwr.eurosat.client import eurosat_train
 from atlas_flwr.identity import client_identity
 from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
 from atlas_flwr.quiet import quiet_libraries
-from atlas_flwr.records import to_numpy
+from atlas_flwr.records import to_numpy, without_modules
 from atlas_flwr.split_client import split_step
 from atlas_flwr.train import pick_device, seed_for
 from strategies.memory import DeviceProfile, parse_size, profile_for
@@ -104,8 +104,7 @@ def train(message: Message, context: Context) -> Message:
     adapter, head = _states(message, cfg.precision)
     frozen = {m for m in str(message.content.config_records["config"].get("frozen-modules", "")).split(",") if m}
     new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head, frozen)
-    # Only what was trained goes back: the frozen modules are the server's own.
-    adapter = {k: v for k, v in adapter.items() if k.rsplit(".lora_", 1)[0] not in frozen}
+    adapter = without_modules(adapter, frozen)  # only what was trained goes back: the frozen modules are the server's
     log(INFO, "client %d round %d: %s", client_id, server_round, result.summary())
     metrics = MetricRecord(
         {

@@ -40,7 +40,7 @@ from atlas_flwr.models.classifier import (
     load_tokenizer,
 )
 from atlas_flwr.models.registry import resolve_model
-from atlas_flwr.records import State, to_torch
+from atlas_flwr.records import State, module_of, to_torch, without_modules
 from atlas_flwr.train import TrainResult, evaluate, pick_device, seed_for, train_local
 from strategies.memory import ModelShape, TrainShape
 from strategies.pipeline import module_ranks
@@ -168,7 +168,7 @@ def run_train(
     if unknown:
         raise AtlasError(f"frozen module {min(unknown)!r} is not in the received adapter")
     for name, param in model.backbone.named_parameters():
-        if ".lora_" in name and name.split(".lora_")[0] in frozen:
+        if ".lora_" in name and module_of(name) in frozen:
             param.requires_grad_(False)
     seed = seed_for(cfg.seed, client_id, server_round)
     torch.manual_seed(seed)  # LoRA dropout and head dropout
@@ -191,8 +191,7 @@ def run_train(
         weight_decay=cfg.weight_decay,
         device=pick_device(cfg.device),
     )
-    trained = {k: v for k, v in adapter_state(model).items() if k.rsplit(".lora_", 1)[0] not in frozen}
-    return trained, head_state(model), result
+    return without_modules(adapter_state(model), frozen), head_state(model), result
 
 
 def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> dict[str, float]:

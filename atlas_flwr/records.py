@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -25,6 +25,16 @@ def from_record(record: ArrayRecord) -> State:
 def to_numpy(state: Mapping[str, torch.Tensor]) -> State:
     """numpy copies of a torch state."""
     return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+
+
+def module_of(key: str) -> str:
+    """The LoRA module a PEFT state key or parameter name belongs to (the part before ``.lora_``)."""
+    return key.rsplit(".lora_", 1)[0]
+
+
+def without_modules(state: Mapping[str, torch.Tensor | np.ndarray], modules: Collection[str]) -> dict:
+    """``state`` without the tensors of ``modules`` (a client's frozen modules stay out of its reply)."""
+    return {k: v for k, v in state.items() if module_of(k) not in modules}
 
 
 def to_torch(state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
