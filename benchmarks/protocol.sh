@@ -24,6 +24,7 @@ declare -A extra=(
   # Quality levers (issue 17) on the default config (CONFIG=none), each one switch away from its method.
   [atlas+server-lr-1]="server-lr=1.0"
   [atlas+server-lr-2]="server-lr=2.0"
+  [atlas-no-laplacian+server-lr-1]="server-lr=1.0"
   [atlas-no-laplacian+server-lr-2]="server-lr=2.0"
   [fedavg-cluster+server-lr-2]="server-lr=2.0"
   [atlas+drop]="frozen-layers=\"drop\""
