@@ -26,6 +26,7 @@ declare -A extra=(
   [atlas+server-lr-2]="server-lr=2.0"
   [atlas-no-laplacian+server-lr-1]="server-lr=1.0"
   [atlas-no-laplacian+server-lr-2]="server-lr=2.0"
+  [fedavg-cluster+server-lr-1]="server-lr=1.0"
   [fedavg-cluster+server-lr-2]="server-lr=2.0"
   [atlas+drop]="frozen-layers=\"drop\""
 )
