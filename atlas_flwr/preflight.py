@@ -10,7 +10,6 @@ from atlas_flwr.checkpoint import checkpoint_to_resume
 from atlas_flwr.config import Config
 from atlas_flwr.data import load_split
 from atlas_flwr.errors import ConfigError, DataError
-from atlas_flwr.models.registry import resolve_model
 
 
 def preflight(cfg: Config) -> None:
@@ -64,13 +63,11 @@ def _check_output_dir(cfg: Config) -> None:
 
 def _check_model_fits(cfg: Config) -> None:
     """LoRA rank, split block and simulated memory tiers against the model's shape."""
-    from transformers import AutoConfig
-
-    from strategies.memory import Calibration, ModelShape, TrainShape, parse_size, predict_peak_bytes
+    from atlas_flwr.local import model_shape, train_shape
+    from strategies.memory import Calibration, parse_size, predict_peak_bytes
     from strategies.pipeline import resolve_switches
 
-    source = resolve_model(cfg.model)
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)
+    shape = model_shape(cfg)  # the view the server plans ranks with
     largest = min(min(i, o) for i, o in shape.lora_targets_per_layer)
     if cfg.lora_rank > largest:
         raise ConfigError("lora-rank", cfg.lora_rank, f"an integer in [1, {largest}] for {cfg.model}'s projections")
@@ -86,7 +83,7 @@ def _check_model_fits(cfg: Config) -> None:
     smallest = min(parse_size(t) for t in cfg.device_tiers.split(",")) * cfg.device_scale
     frozen = cfg.lora_rank if cfg.frozen_layers == "use" else 0
     top = [0] * (shape.num_layers - 1) + [1]
-    step = TrainShape(batch=cfg.batch_size, seq_len=cfg.max_length)
+    step = train_shape(cfg)
     need = min(
         predict_peak_bytes(shape, step, top, calibration=Calibration.for_device(d), frozen_rank=frozen)["total"]
         for d in ("cpu", "cuda")
