@@ -37,15 +37,19 @@ def _states(message: Message, precision: str) -> tuple[dict, dict]:
 
 
 def device_profile(context: Context, cfg: Config, client_id: int) -> DeviceProfile:
-    """The client's memory budget: ``memory`` in its node config (e.g. ``"4GB"``) on the Deployment
-    Engine, else the simulated tier of its partition id (``device-tiers`` x ``device-scale``)."""
+    """The client's memory budget and rank cap: ``memory`` (e.g. ``"4GB"``) and ``max-rank`` in its node
+    config on the Deployment Engine, else the simulated tiers of its partition id (``device-tiers`` x
+    ``device-scale``, ``rank-tiers``)."""
     if "memory" in context.node_config:
         raw = str(context.node_config["memory"])
+        raw_rank = str(context.node_config.get("max-rank", 0))
+        if not raw_rank.isdigit():
+            raise AtlasError(f"node_config max-rank = {raw_rank!r} is invalid: expected an integer >= 0 (0: no cap)")
         try:
-            return DeviceProfile(f"node-{raw}", parse_size(raw))
+            return DeviceProfile(f"node-{raw}", parse_size(raw), int(raw_rank))
         except ValueError as err:
             raise AtlasError(f"node_config memory = {raw!r}: {err}") from err
-    return profile_for(client_id, cfg.device_tiers.split(","), cfg.device_scale)
+    return profile_for(client_id, cfg.device_tiers.split(","), cfg.device_scale, cfg.rank_caps)
 
 
 def injected_failure(seed: int, client_id: int, server_round: int, rate: float) -> bool:
@@ -68,6 +72,7 @@ def describe(message: Message, context: Context) -> Message:
             "eval-digest": data.eval_digest,
             "device-profile": profile.name,
             "memory-bytes": profile.memory_bytes,
+            "max-rank": profile.max_rank,
             "device": pick_device(cfg.device).type,
         }
     )

@@ -16,10 +16,20 @@ from typing import Any
 
 from atlas_flwr.errors import ConfigError
 
-STRATEGIES = ("centralized", "local-only", "fedavg", "fedavg-cluster", "atlas-no-laplacian", "atlas")
+STRATEGIES = (
+    "centralized",
+    "local-only",
+    "fedavg",
+    "fedavg-cluster",
+    "homlora",
+    "hetlora",
+    "flexlora",
+    "atlas-no-laplacian",
+    "atlas",
+)
 #: The phase switches; "preset" takes the value from ``strategy`` (see ``strategies.pipeline.PRESETS``).
 CLUSTERINGS = ("preset", "none", "learned", "oracle")
-RANK_MODES = ("preset", "uniform", "budget")
+RANK_MODES = ("preset", "uniform", "budget", "common")
 AGGREGATIONS = ("preset", "exact", "zero-pad", "svd-dense", "factor-avg", "none")
 FINGERPRINT_KINDS = ("embedding", "embedding-labels", "lora-grad")
 PARTITIONERS = ("iid", "dirichlet")
@@ -34,6 +44,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 LR_SCHEDULES = ("constant", "cosine")
 #: What a budget-bound client does with the layers its budget cannot train: hold and use them frozen, or drop them.
 FROZEN_LAYERS = ("use", "drop")
+#: What a client does when the method's rank plan exceeds its device (memory or rank cap): train the largest
+#: plan that fits, sit out training (it still takes its group's model), or train anyway (v1, infeasible).
+OVER_BUDGET = ("shrink", "drop", "train")
 #: How re-factored adapters are split into B and A (strategies.aggregation.FACTOR_SPLITS).
 FACTOR_SPLITS = ("balanced", "a-orthonormal")
 
@@ -89,6 +102,19 @@ def _tasks_rule() -> _Rule:
     return _Rule(str, check, "a comma-separated list of distinct tasks from " + ", ".join(TASKS))
 
 
+def _tasks_map_rule() -> _Rule:
+    from atlas_flwr.data.glue import TASKS
+
+    def check(v: str) -> bool:
+        try:
+            pairs = [item.split(":") for item in v.split(",")] if v else []
+            return all(len(p) == 2 and p[0].strip() in TASKS and int(p[1]) >= 0 for p in pairs)
+        except ValueError:
+            return False
+
+    return _Rule(str, check, 'empty or task:rows pairs such as "cola:0,qnli:1024" (0: every row)')
+
+
 _RULES: dict[str, _Rule] = {
     "workload": _choice(*WORKLOADS),
     "strategy": _choice(*STRATEGIES),
@@ -98,6 +124,7 @@ _RULES: dict[str, _Rule] = {
     "partitioner": _choice(*PARTITIONERS),
     "dirichlet-alpha": _float_in(0.0, 1e6, open_low=True),
     "max-samples-per-client": _int_at_least(0),
+    "max-samples-by-task": _tasks_map_rule(),
     "max-eval-samples": _int_at_least(0),
     "data-dir": _Rule(str),
     "model": _Rule(str, bool, "a model alias or a local model directory"),
@@ -121,6 +148,9 @@ _RULES: dict[str, _Rule] = {
     "frozen-layers": _choice(*FROZEN_LAYERS),
     "server-lr": _float_in(0.0, 10.0, open_low=True),
     "factor-split": _choice(*FACTOR_SPLITS),
+    "over-budget": _choice(*OVER_BUDGET),
+    "hetlora-gamma": _float_in(0.0, 1.0, open_low=True),
+    "hetlora-lambda": _float_in(0.0, 1e3),
     "fingerprint-kind": _choice(*FINGERPRINT_KINDS),
     "fingerprint-rows": _int_at_least(2),
     "fingerprint-dim": _int_at_least(2),
@@ -131,6 +161,11 @@ _RULES: dict[str, _Rule] = {
     "cluster-k-max": _int_at_least(2),
     "device-tiers": _sizes_rule(),
     "device-scale": _float_in(0.0, 1e3, open_low=True),
+    "rank-tiers": _Rule(
+        str,
+        lambda v: v == "" or all(t.strip().isdigit() and int(t) >= 1 for t in v.split(",")),
+        'empty (no cap) or a comma-separated list of ranks >= 1 such as "2,4,8,16"',
+    ),
     "split": _Rule(
         str,
         lambda v: v in ("none", "auto") or (v.isdigit() and int(v) >= 1),
@@ -178,6 +213,7 @@ class Config:
     partitioner: str
     dirichlet_alpha: float
     max_samples_per_client: int
+    max_samples_by_task: str
     max_eval_samples: int
     data_dir: str
     model: str
@@ -201,6 +237,9 @@ class Config:
     frozen_layers: str
     server_lr: float
     factor_split: str
+    over_budget: str
+    hetlora_gamma: float
+    hetlora_lambda: float
     fingerprint_kind: str
     fingerprint_rows: int
     fingerprint_dim: int
@@ -211,6 +250,7 @@ class Config:
     cluster_k_max: int
     device_tiers: str
     device_scale: float
+    rank_tiers: str
     split: str
     eurosat_clients: int
     eurosat_data: str
@@ -263,6 +303,19 @@ class Config:
     def pooled(self) -> bool:
         """The centralized reference: each task's first client trains on the union of the task's rows."""
         return self.strategy == "centralized"
+
+    def max_samples_for(self, task: str) -> int:
+        """A client's row cap for ``task``: its ``max-samples-by-task`` entry, else ``max-samples-per-client``."""
+        for item in self.max_samples_by_task.split(",") if self.max_samples_by_task else ():
+            name, rows = item.split(":")
+            if name.strip() == task:
+                return int(rows)
+        return self.max_samples_per_client
+
+    @property
+    def rank_caps(self) -> tuple[int, ...]:
+        """The ``rank-tiers`` as integers (empty: no cap)."""
+        return tuple(int(t) for t in self.rank_tiers.split(",")) if self.rank_tiers else ()
 
     @property
     def pad_to(self) -> int | None:

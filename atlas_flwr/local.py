@@ -86,7 +86,7 @@ def client_data(cfg: Config, client_id: int) -> ClientData:
             partitioner=cfg.partitioner,
             alpha=cfg.dirichlet_alpha,
             seed=cfg.seed,
-            max_samples=cfg.max_samples_per_client,
+            max_samples=cfg.max_samples_for(task),
         )
         for i in indices
     ]
@@ -190,6 +190,7 @@ def run_train(
         head_lr=cfg.head_lr * scale,
         weight_decay=cfg.weight_decay,
         device=pick_device(cfg.device),
+        rank_penalty=(cfg.hetlora_gamma, cfg.hetlora_lambda) if cfg.strategy == "hetlora" else None,
     )
     return without_modules(adapter_state(model), frozen), head_state(model), result
 

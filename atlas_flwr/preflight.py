@@ -75,7 +75,9 @@ def _check_model_fits(cfg: Config) -> None:
         raise ConfigError(
             "split", cfg.split, f"none, auto, or a block index in 1..{shape.num_layers - 1} ({cfg.model})"
         )
-    if resolve_switches(cfg.strategy, cfg.clustering, cfg.ranks, cfg.aggregation).ranks != "budget":
+    switches = resolve_switches(cfg.strategy, cfg.clustering, cfg.ranks, cfg.aggregation)
+    shrinks = cfg.over_budget == "shrink" and cfg.split == "none" and not switches.pooled
+    if switches.ranks == "uniform" and not shrinks:
         return
     # The smallest simulated tier must train at least the top layer at rank 1 (a SuperNode's own
     # `memory` is checked by the server when it plans). The cheaper of the two devices' constants:

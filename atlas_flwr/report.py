@@ -38,10 +38,11 @@ SWITCHES = {
     "server-lr": 1.0,
     "factor-split": "balanced",
     "frozen-layers": "use",
+    "over-budget": "shrink",
 }
 #: Switches whose value as the run used it is in its summary: a method that does not use one records its
 #: neutral value there (no server step without aggregation, no frozen layers without budget ranks).
-EFFECTIVE = ("server-lr", "frozen-layers")
+EFFECTIVE = ("server-lr", "frozen-layers", "over-budget")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from atlas_flwr.split_server import (
 )
 from strategies.aggregation import LORA_A_SUFFIX, State
 from strategies.clustering import adjusted_rand
-from strategies.memory import Calibration, predict_peak_bytes
+from strategies.memory import Calibration, ModelShape, TrainShape, allocate_ranks, predict_peak_bytes
 from strategies.pipeline import (
     ClientInfo,
     Member,
@@ -104,6 +104,7 @@ def describe_clients(grid: Grid, cfg: Config) -> list[ClientInfo]:
                 eval_digest=str(record.get("eval-digest", "")),
                 device_profile=str(record.get("device-profile", "")),
                 memory_bytes=int(record.get("memory-bytes", 0)),
+                max_rank=int(record.get("max-rank", 0)),
                 device=str(record.get("device", "cpu")),
             )
         )
@@ -320,6 +321,7 @@ class Plan:
     clusters: dict[str, Any]
     ranks: list[dict[str, Any]]
     frozen: dict[int, list[str]]  # per client, the modules it holds and uses but does not train
+    dropped: list[int] = field(default_factory=list)  # clients that sit out training (over-budget = drop)
 
 
 def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], switches: Switches) -> Plan:
@@ -349,50 +351,68 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     layers = modules_per_layer(uniform[0])
     initial: dict[int, tuple[State, State]] = {}
     frozen: dict[int, list[str]] = {}
-    frozen_rank = cfg.lora_rank if cfg.frozen_layers == "use" else 0
+    dropped: list[int] = []
     rank_rows: list[dict[str, Any]] = []
     built: dict[tuple, tuple[State, State]] = {}
+    common = _common_ranks(cfg, clients, shape, step) if switches.ranks == "common" else None
     for i, client in enumerate(clients):
         trains_on = SPLIT_DEVICE if cfg.split != "none" else client.device
+        calibration = Calibration.for_device(trains_on)
+        cap = min(cfg.lora_rank, client.max_rank or cfg.lora_rank)
         row: dict[str, Any] = {
             "client-id": client.client_id,
             "task": client.task,
             "device": client.device_profile,
             "trains-on": trains_on,
+            "memory-budget-bytes": client.memory_bytes,
+            "max-rank": cap,
         }
-        row["memory-budget-bytes"] = client.memory_bytes
+        importance = None
         if switches.ranks == "budget":
+            importance, plan_kind = list(prints.importance[i]), "budget"
+        elif switches.ranks == "common":
+            plan_kind = "common"
+        else:
+            uniform_peak = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=calibration)
+            fits = (client.memory_bytes == 0 or uniform_peak["total"] <= client.memory_bytes) and cap >= cfg.lora_rank
+            # Split learning answers the memory budget with its cut, and the centralized reference has no device.
+            exempt = cfg.over_budget == "train" or switches.pooled or cfg.split != "none"
+            plan_kind = "uniform" if fits or exempt else cfg.over_budget
+            if plan_kind == "shrink":  # the budget allocator without fingerprints: every layer weighs the same
+                importance = [1.0] * shape.num_layers
+        if importance is not None or plan_kind == "common":
+            frozen_rank = cap if cfg.frozen_layers == "use" and plan_kind != "common" else 0
             try:
-                allocation, pattern = plan_ranks(
-                    shape,
-                    step,
-                    client.memory_bytes,
-                    list(prints.importance[i]),
-                    layers,
-                    cfg.lora_rank,
-                    Calibration.for_device(trains_on),
-                    frozen_rank,
-                )
+                if plan_kind == "common":
+                    ranks = list(common)
+                    pattern = {m: r for layer, r in zip(layers, ranks, strict=True) if r for m in layer}
+                    predicted, binding = predict_peak_bytes(shape, step, ranks, calibration=calibration)["total"], None
+                else:
+                    allocation, pattern = plan_ranks(
+                        shape, step, client.memory_bytes, importance, layers, cap, calibration, frozen_rank
+                    )
+                    ranks, predicted, binding = allocation.ranks, allocation.predicted["total"], allocation.binding
             except ValueError as err:
                 raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
-            # What the budget cannot train is held at the run's rank, frozen (frozen-layers = use), or dropped.
+            # What the budget cannot train is held at the client's cap, frozen (frozen-layers = use), or dropped.
             held = {m: pattern.get(m, frozen_rank) for layer in layers for m in layer if m in pattern or frozen_rank}
             frozen[client.client_id] = sorted(set(held) - set(pattern))
             key = tuple(sorted(held.items()))
             if key not in built:
                 built[key] = tuple(to_numpy(t) for t in initial_state(cfg, held))
             initial[client.client_id] = built[key]
-            ranks, predicted, binding = allocation.ranks, allocation.predicted["total"], allocation.binding
         else:
             initial[client.client_id] = uniform
             ranks = [cfg.lora_rank] * shape.num_layers
-            calibration = Calibration.for_device(trains_on)
-            predicted, binding = predict_peak_bytes(shape, step, ranks, calibration=calibration)["total"], None
+            predicted, binding = uniform_peak["total"], None
+            if plan_kind == "drop":
+                dropped.append(client.client_id)
         row |= {
+            "plan": plan_kind,
             "ranks-per-layer": " ".join(map(str, ranks)),
             "adapter-params": int(sum(v.size for v in initial[client.client_id][0].values())),
             "predicted-peak-bytes": int(predicted),
-            "fits-budget": bool(client.memory_bytes == 0 or predicted <= client.memory_bytes),
+            "fits-budget": bool(plan_kind == "drop" or client.memory_bytes == 0 or predicted <= client.memory_bytes),
             "budget-binds": binding,
             "frozen-modules": len(frozen.get(client.client_id, ())),
         }
@@ -400,7 +420,32 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
             row["importance"] = " ".join(f"{x:.3g}" for x in prints.importance[i])
         rank_rows.append(row)
     members = [Member(c.client_id, c.task, g) for c, g in zip(clients, groups, strict=True)]
-    return Plan(members, initial, adjacency, clusters, rank_rows, frozen)
+    return Plan(members, initial, adjacency, clusters, rank_rows, frozen, dropped)
+
+
+def _common_ranks(cfg: Config, clients: Sequence[ClientInfo], shape: ModelShape, step: TrainShape) -> list[int]:
+    """Homogeneous LoRA's plan: per layer the smallest of every client's equal-importance plan.
+
+    Each client's plan fits its device and the peak only grows with any layer's rank, so the
+    element-wise minimum fits every client.
+    """
+    plans = []
+    for client in clients:
+        cap = min(cfg.lora_rank, client.max_rank or cfg.lora_rank)
+        calibration = Calibration.for_device(SPLIT_DEVICE if cfg.split != "none" else client.device)
+        try:
+            allocation = allocate_ranks(
+                shape, step, client.memory_bytes, [1.0] * shape.num_layers, max_rank=cap, calibration=calibration
+            )
+        except ValueError as err:
+            raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
+        plans.append(allocation.ranks)
+    ranks = [min(layer) for layer in zip(*plans, strict=True)]
+    if not any(ranks):
+        raise AtlasError(
+            "ranks = common: no layer is adapted by every client's plan; raise device-scale or lower batch-size"
+        )
+    return ranks
 
 
 def collect_updates(
@@ -510,7 +555,7 @@ def _plan_from_checkpoint(ckpt: Checkpoint, clients: Sequence[ClientInfo]) -> Pl
     initial = {m.client_id: (ckpt.adapters.get(m.client_id, {}), ckpt.heads[m.client_id]) for m in members}
     adjacency = None if meta["adjacency"] is None else np.asarray(meta["adjacency"], dtype=np.float64)
     frozen = {int(k): list(v) for k, v in meta.get("frozen", {}).items()}
-    return Plan(members, initial, adjacency, meta["clusters"], meta["ranks"], frozen)
+    return Plan(members, initial, adjacency, meta["clusters"], meta["ranks"], frozen, meta.get("dropped", []))
 
 
 def _checkpoint_meta(
@@ -527,6 +572,7 @@ def _checkpoint_meta(
         "clusters": plan.clusters,
         "ranks": plan.ranks,
         "frozen": {str(k): v for k, v in plan.frozen.items()},
+        "dropped": plan.dropped,
         "adjacency": None if plan.adjacency is None else plan.adjacency.tolist(),
         "evals": {str(k): v for k, v in evals.items()},
         "last-train": {str(k): v for k, v in last_train.items()},
@@ -575,6 +621,8 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         server_lr=cfg.server_lr,
         factor_split=cfg.factor_split,
         frozen=plan.frozen,
+        dropped=plan.dropped,
+        prune_gamma=cfg.hetlora_gamma,
     )
     writer.write_json("clusters.json", plan.clusters)
     writer.write_table("ranks", plan.ranks)
@@ -603,8 +651,11 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         )
     split = None
     if cfg.split != "none":
-        if switches.ranks == "budget":
-            raise AtlasError("split learning sets the cut from the memory budget: use ranks = uniform with split")
+        if switches.ranks != "uniform":
+            raise AtlasError(
+                f"split learning sets the cut from the memory budget: use ranks = uniform with split "
+                f"(strategy {cfg.strategy} plans ranks = {switches.ranks})"
+            )
         split, choices = plan_split(cfg, clients, {c.client_id: strategy.state_for(c.client_id) for c in clients})
         writer.write_table("split", choices)
         for row in choices:
@@ -687,6 +738,8 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     ]
     writer.write_clients(client_rows)
     final = writer.rounds[-1]
+    plan_kinds = {str(r.get("plan", switches.ranks)) for r in plan.ranks}
+    over_budget = any(not r.get("fits-budget", True) for r in plan.ranks)
     writer.write_summary(
         {
             "strategy": strategy.summary(),
@@ -697,7 +750,9 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
                 "laplacian-eta": strategy.eta,
                 "server-lr": strategy.server_lr,
                 "factor-split": strategy.factor_split,
-                "frozen-layers": cfg.frozen_layers if switches.ranks == "budget" else "use",
+                "frozen-layers": cfg.frozen_layers if plan_kinds & {"budget", "shrink"} else "use",
+                "over-budget": cfg.over_budget if plan_kinds & {"shrink", "drop"} or over_budget else "shrink",
+                "rank-tiers": cfg.rank_tiers,
             },
             "clusters-k": plan.clusters["k"],
             "clusters-ari": plan.clusters.get("ari-vs-declared-tasks"),

@@ -61,6 +61,29 @@ class TrainResult:
         return f"loss {self.loss:.4f} on {self.num_examples} {unit}, {self.steps} steps, {self.seconds:.1f} s"
 
 
+def lora_pairs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The trainable ``(A, B)`` weights of every LoRA module: A is (r, in), B is (out, r)."""
+    params = dict(model.named_parameters())
+    pairs = []
+    for name, a in params.items():
+        if ".lora_A." in name and a.requires_grad:
+            pairs.append((a, params[name.replace(".lora_A.", ".lora_B.")]))
+    return pairs
+
+
+def tail_penalty(pairs: list[tuple[torch.Tensor, torch.Tensor]], gamma: float) -> torch.Tensor:
+    """HetLoRA's self-pruning regulariser: sum over modules of ``||A[k:]|| * ||B[:, k:]||``, k = floor(gamma r).
+
+    It drives the rank components that pruning would cut towards zero (``strategies.pipeline.self_prune``).
+    """
+    terms = []
+    for a, b in pairs:
+        keep = max(1, int(gamma * a.shape[0]))
+        if keep < a.shape[0]:
+            terms.append(a[keep:].norm() * b[:, keep:].norm())
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 def train_local(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -70,11 +93,14 @@ def train_local(
     head_lr: float | None = None,
     weight_decay: float,
     device: torch.device,
+    rank_penalty: tuple[float, float] | None = None,
 ) -> TrainResult:
     """AdamW on the trainable parameters (LoRA and head) for ``epochs`` passes.
 
     The head (parameters named ``head.*``) learns at ``head_lr`` (default: ``lr``): a fresh
     linear head on frozen-ish features needs larger steps than the low-rank adapters.
+    ``rank_penalty`` = (gamma, lambda) adds ``lambda *`` :func:`tail_penalty` to the loss (HetLoRA); the
+    reported loss is the task loss alone.
 
     Raises
     ------
@@ -90,6 +116,7 @@ def train_local(
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     loss_fn = torch.nn.CrossEntropyLoss()
+    pairs = lora_pairs(model) if rank_penalty else []
     total, seen, steps, start = 0.0, 0, 0, time.perf_counter()
     for epoch in range(epochs):
         for batch in _batches(loader, device, f"train epoch {epoch + 1}/{epochs}"):
@@ -99,7 +126,10 @@ def train_local(
             if not math.isfinite(loss.item()):
                 raise AtlasError(f"training loss became {loss.item()} at step {steps}: lower lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            objective = loss
+            if rank_penalty:
+                objective = loss + rank_penalty[1] * tail_penalty(pairs, rank_penalty[0]).to(loss.device)
+            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
             total += loss.item() * len(labels)

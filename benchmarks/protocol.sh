@@ -2,7 +2,8 @@
 # A protocol for every method, through `flwr run` (atlas-run).
 # Results: $OUT/<label>/ ; tables: the atlas-report commands in docs/results.md.
 # Usage: [SEED=43] [CONFIG=configs/protocol.toml] [OUT=benchmarks/results/protocol] benchmarks/protocol.sh [label ...]
-#   (default: every label of the v1 protocol below, seed 42). A seed other than 42 writes to <label>-s<seed>/.
+#   (default: every label of the v1 protocol below, seed 42). Runs write to <label>-s<seed>/; v1 and the
+#   quality runs, made before that rule, name seed 42's run <label>/.
 #   CONFIG=none runs the default config (pyproject.toml), as `atlas-run` with no config file does.
 # A label is a method, or a method with switches changed; each --set of a label is one word of extra[label].
 set -euo pipefail
@@ -29,6 +30,12 @@ declare -A extra=(
   [fedavg-cluster+server-lr-1]="server-lr=1.0"
   [fedavg-cluster+server-lr-2]="server-lr=2.0"
   [atlas+drop]="frozen-layers=\"drop\""
+  # Protocol v2 (CONFIG=configs/protocol-v2.toml): the memory-feasible baselines and the aggregation table.
+  [homlora]=""
+  [hetlora]=""
+  [flexlora]=""
+  [atlas-no-laplacian+svd-dense]="aggregation=\"svd-dense\""
+  [fedavg-cluster+drop]="over-budget=\"drop\""
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
   fedavg-cluster+split-auto fedavg+fp16 fedavg+int8)
@@ -38,8 +45,7 @@ for label in "${labels[@]}"; do
   [ -v "extra[$label]" ] || { echo "unknown label $label: expected one of ${!extra[*]}" >&2; exit 2; }
   method=${label%%+*}
   seed=${SEED:-42}
-  name=$label
-  [ "$seed" = 42 ] || name="$label-s$seed"
+  name="$label-s$seed"
   sets=(--set "strategy=\"$method\"" --set "output-dir=\"$out\"" --set "run-name=\"$name\"" --set "seed=$seed")
   read -ra words <<< "${extra[$label]}"
   for word in "${words[@]}"; do sets+=(--set "$word"); done

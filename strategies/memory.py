@@ -767,16 +767,27 @@ def _key(config: Mapping[str, object], *keys: str, default: int | None = None) -
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A simulated device: a name and the memory a client may use for training, in bytes."""
+    """A simulated device: a name, the memory a client may use for training (bytes) and its rank cap.
+
+    ``max_rank`` (0: none) stands for what memory does not price: compute and uplink. Heterogeneous-rank
+    methods (HetLoRA, FlexLoRA) assign ranks by such device classes.
+    """
 
     name: str
     memory_bytes: int
+    max_rank: int = 0
 
 
 def profile_for(
-    partition_id: int, tiers: Sequence[str] = ("2GB", "4GB", "8GB", "16GB"), scale: float = 1.0
+    partition_id: int,
+    tiers: Sequence[str] = ("2GB", "4GB", "8GB", "16GB"),
+    scale: float = 1.0,
+    rank_tiers: Sequence[int] = (),
 ) -> DeviceProfile:
     """The device tier of a client: tiers cycle with the partition id, memory multiplied by ``scale``.
+
+    ``rank_tiers`` (empty: no cap) cycle the same way, so partition ``i`` gets memory tier ``i % len(tiers)``
+    and rank cap ``rank_tiers[i % len(rank_tiers)]``.
 
     A ``scale`` below 1 shrinks every tier so that a small model (MiniLM needs about 0.1 GB) still meets
     a binding budget.
@@ -789,6 +800,8 @@ def profile_for(
         Sizes such as ``"4GB"``.
     scale : float
         Positive factor applied to every tier.
+    rank_tiers : sequence of int
+        Rank caps (>= 1), cycled by partition id.
 
     Returns
     -------
@@ -800,9 +813,14 @@ def profile_for(
         raise ValueError("tiers is empty: expected at least one size such as '4GB'")
     if not scale > 0:
         raise ValueError(f"scale {scale!r} is invalid: expected a number > 0")
+    if any(int(r) < 1 for r in rank_tiers):
+        raise ValueError(f"rank tiers {list(rank_tiers)} are invalid: expected integers >= 1")
     tier = tiers[partition_id % len(tiers)]
     name = tier if scale == 1 else f"{tier}x{scale:g}"
-    return DeviceProfile(name, int(parse_size(tier) * scale))
+    max_rank = int(rank_tiers[partition_id % len(rank_tiers)]) if rank_tiers else 0
+    if max_rank:
+        name += f"/r{max_rank}"
+    return DeviceProfile(name, int(parse_size(tier) * scale), max_rank)
 
 
 def parse_size(text: str) -> int:

@@ -7,9 +7,20 @@ centralized         oracle       uniform   none, pooled off
 local-only          none         uniform   none         off
 fedavg              none         uniform   factor-avg   off
 fedavg-cluster      learned      uniform   factor-avg   off
+homlora             none         common    factor-avg   off
+hetlora             none         uniform   zero-pad     off, + norm weights and rank self-pruning
+flexlora            none         uniform   svd-dense    off
 atlas-no-laplacian  learned      budget    exact        off
 atlas               learned      budget    exact        on
 =================== ============ ========= ============ =========
+
+Ranks: ``uniform`` plans ``lora-rank`` on every layer; a client whose device cannot hold that plan (memory,
+or its rank cap) follows ``over-budget``: ``shrink`` to the largest plan that fits (the budget allocator
+with equal layer importance), ``drop`` out of training (it still takes its group's model), or ``train``
+anyway (v1; infeasible on the device). ``budget`` plans each client's ranks under its memory and rank cap,
+weighting layers by fingerprint importance. ``common`` gives every client the same plan: per layer the
+smallest of the clients' ``shrink`` plans, which every client fits (homogeneous LoRA). ``factor-avg``
+over unequal ranks zero-pads (FedAvg's only reading of it), which is what HetLoRA's aggregation does too.
 
 ``centralized`` is the reference, not a federated method: each task's first client holds the union of
 the task's rows (the ClientApp pools them) and is the only one that trains; the task's other clients
@@ -46,8 +57,10 @@ import numpy as np
 
 from strategies.aggregation import (
     LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
     State,
     aggregate_states,
+    lora_scaling,
     refactor_state,
     server_step,
     weighted_average,
@@ -57,7 +70,7 @@ from strategies.laplacian import laplacian_states, similarity_graph
 from strategies.memory import Calibration, ModelShape, RankAllocation, TrainShape, allocate_ranks
 
 CLUSTERINGS = ("none", "learned", "oracle")
-RANK_MODES = ("uniform", "budget")
+RANK_MODES = ("uniform", "budget", "common")
 AGGREGATIONS = ("exact", "zero-pad", "svd-dense", "factor-avg", "none")
 
 
@@ -70,6 +83,7 @@ class Switches:
     aggregation: str
     laplacian: bool
     pooled: bool = False  # one model per task, trained by the task's first client on all its rows
+    hetlora: bool = False  # HetLoRA's extras: weights by ||dW|| and rank self-pruning (with the client penalty)
 
     def __post_init__(self) -> None:
         for name, allowed in (("clustering", CLUSTERINGS), ("ranks", RANK_MODES), ("aggregation", AGGREGATIONS)):
@@ -87,6 +101,9 @@ PRESETS: dict[str, Switches] = {
     "local-only": Switches("none", "uniform", "none", False),
     "fedavg": Switches("none", "uniform", "factor-avg", False),
     "fedavg-cluster": Switches("learned", "uniform", "factor-avg", False),
+    "homlora": Switches("none", "common", "factor-avg", False),
+    "hetlora": Switches("none", "uniform", "zero-pad", False, hetlora=True),
+    "flexlora": Switches("none", "uniform", "svd-dense", False),
     "atlas-no-laplacian": Switches("learned", "budget", "exact", False),
     "atlas": Switches("learned", "budget", "exact", True),
 }
@@ -105,6 +122,7 @@ def resolve_switches(
         base.aggregation if aggregation == "preset" else aggregation,
         base.laplacian,
         base.pooled,
+        base.hetlora,
     )
 
 
@@ -120,6 +138,7 @@ class ClientInfo:
     eval_digest: str = ""  # equal digests: the same evaluation rows (empty: unknown)
     device_profile: str = ""
     memory_bytes: int = 0
+    max_rank: int = 0  # the device's rank cap (0: none)
     device: str = "cpu"  # where it trains: the memory model's constants differ (CPU dropout masks are fp32)
 
 
@@ -207,10 +226,64 @@ def aggregate_group(
     for (trainers, frozen), modules in by_clients.items():
         subs = [_subset(states[i], modules) for i in trainers]
         targets = [{m: held[i][m] for m in modules} for i in (*trainers, *frozen)]
-        merged = aggregate_states(subs, [weights[i] for i in trainers], targets, alpha, method)
+        ranks = {r for sub in subs for r in module_ranks(sub).values()}
+        ranks |= {r for t in targets for r in t.values()}
+        # FedAvg over unequal ranks can only zero-pad (HetLoRA's rule); with equal ranks the two are one.
+        used = "zero-pad" if method == "factor-avg" and len(ranks) > 1 else method
+        merged = aggregate_states(subs, [weights[i] for i in trainers], targets, alpha, used)
         for i, state in zip((*trainers, *frozen), merged, strict=True):
             outputs[i].update(state)
     return outputs
+
+
+def delta_norm(state: State, alpha: float) -> float:
+    """``sum over modules of ||s B A||_F``: HetLoRA's sparsity weight of a client's update."""
+    total = 0.0
+    for module, rank in module_ranks(state).items():
+        b = np.asarray(state[module + LORA_B_SUFFIX], dtype=np.float64)
+        a = np.asarray(state[module + LORA_A_SUFFIX], dtype=np.float64)
+        total += lora_scaling(alpha, rank) * float(np.linalg.norm(b @ a))
+    return total
+
+
+def _tail(state: State, module: str, keep: int) -> float:
+    a, b = state[module + LORA_A_SUFFIX], state[module + LORA_B_SUFFIX]
+    return float(np.linalg.norm(a[keep:]) * np.linalg.norm(b[:, keep:]))
+
+
+def self_prune(sent: State, trained: State, gamma: float) -> dict[str, int]:
+    """HetLoRA's rank self-pruning: the modules whose rank drops this round, and their new rank.
+
+    A module of rank r keeps ``k = max(1, floor(gamma r))`` components when its tail,
+    ``||A[k:]|| * ||B[:, k:]||`` (the term the client's penalty shrinks), is smaller after local training
+    than in the adapter the client received: the penalty won, so the tail is not worth its rank.
+    """
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma {gamma!r} is invalid: expected a number in (0, 1]")
+    pruned = {}
+    before = module_ranks(sent)
+    for module, rank in module_ranks(trained).items():
+        keep = max(1, int(gamma * rank))
+        if keep < rank and before.get(module) == rank and _tail(trained, module, keep) < _tail(sent, module, keep):
+            pruned[module] = keep
+    return pruned
+
+
+def truncate_ranks(state: State, ranks: Mapping[str, int], alpha: float) -> State:
+    """``state`` with the named modules cut to their first ``ranks[m]`` components, dW of those unchanged.
+
+    PEFT scales by alpha / r, so B is rescaled by ``s_old / s_new`` to keep ``s B[:, :k] A[:k]``.
+    """
+    out = dict(state)
+    for module, keep in ranks.items():
+        a, b = state[module + LORA_A_SUFFIX], state[module + LORA_B_SUFFIX]
+        rank = a.shape[0]
+        if not 1 <= keep <= rank:
+            raise ValueError(f"module {module!r}: rank {keep} is invalid: expected 1..{rank}")
+        factor = lora_scaling(alpha, rank) / lora_scaling(alpha, keep)
+        out[module + LORA_A_SUFFIX] = np.ascontiguousarray(a[:keep])
+        out[module + LORA_B_SUFFIX] = (np.asarray(b[:, :keep], dtype=np.float64) * factor).astype(b.dtype)
+    return out
 
 
 def laplacian_all(states: Sequence[State], adjacency: np.ndarray, eta: float, alpha: float) -> list[State]:
@@ -316,6 +389,10 @@ class PersonalizedPipeline:
     frozen : mapping client id -> set of module names, optional
         Modules a client holds and uses but does not train (its budget does not cover them): its
         updates leave them out, and aggregation gives it its group's result for them.
+    dropped : iterable of int
+        Clients that never train (``over-budget = drop``): each round they take their group's aggregate.
+    prune_gamma : float
+        HetLoRA's self-pruning keeps this fraction of a module's rank (used when ``switches.hetlora``).
     """
 
     def __init__(
@@ -330,6 +407,8 @@ class PersonalizedPipeline:
         server_lr: float = 1.0,
         factor_split: str = "balanced",
         frozen: Mapping[int, Iterable[str]] | None = None,
+        dropped: Iterable[int] = (),
+        prune_gamma: float = 0.9,
     ) -> None:
         if switches.laplacian and adjacency is None:
             raise ValueError("the Laplacian switch is on but no adjacency was given")
@@ -345,6 +424,9 @@ class PersonalizedPipeline:
         self.server_lr = server_lr if switches.aggregation != "none" else 1.0
         self.factor_split = factor_split
         self.frozen = {m.client_id: frozenset((frozen or {}).get(m.client_id, ())) for m in self.members}
+        self.dropped = frozenset(dropped)
+        self.prune_gamma = prune_gamma
+        self.pruned: dict[int, int] = defaultdict(int)  # per client, rank components pruned so far (HetLoRA)
         self.adapters = {m.client_id: dict(initial[m.client_id][0]) for m in self.members}
         self.heads = {m.client_id: dict(initial[m.client_id][1]) for m in self.members}
 
@@ -357,9 +439,9 @@ class PersonalizedPipeline:
         return _subset(adapter, set(module_ranks(adapter)) - self.frozen[client_id])
 
     def trainers(self) -> list[int]:
-        """The clients that train each round: all, or under ``pooled`` the first client of each task."""
+        """The clients that train each round: all but the dropped, or under ``pooled`` each task's first."""
         if not self.switches.pooled:
-            return [m.client_id for m in self.members]
+            return [m.client_id for m in self.members if m.client_id not in self.dropped]
         first: dict[str, int] = {}
         for m in self.members:
             first.setdefault(m.task, m.client_id)
@@ -399,6 +481,8 @@ class PersonalizedPipeline:
         ordered = sorted(updates, key=lambda u: u.client_id)
         by_id = {m.client_id: m for m in self.members}
         method = self.switches.aggregation
+        if self.switches.hetlora:
+            ordered = [self._self_prune(u) for u in ordered]
         dw_space = method in DW_AGGREGATIONS
         sent = {u.client_id: self.state_for(u.client_id) for u in ordered}
         stepped = {
@@ -418,16 +502,21 @@ class PersonalizedPipeline:
             groups: dict[int, list[Update]] = defaultdict(list)
             for u in ordered:
                 groups[by_id[u.client_id].group].append(u)
-            for members in groups.values():
+            for group, members in groups.items():
+                # Dropped clients take part as holders that trained nothing: they get the group's result.
+                idle = [m.client_id for m in self.members if m.group == group and m.client_id in self.dropped]
                 merged = aggregate_group(
-                    [stepped[u.client_id] for u in members],
-                    [u.num_examples for u in members],
+                    [stepped[u.client_id] for u in members] + [{} for _ in idle],
+                    self._weights(members) + [0.0 for _ in idle],
                     self.alpha,
                     method,
-                    [module_ranks(sent[u.client_id][0]) for u in members],
+                    [module_ranks(sent[u.client_id][0]) for u in members]
+                    + [module_ranks(self.adapters[i]) for i in idle],
                 )
-                for u, state in zip(members, merged, strict=True):
-                    self.adapters[u.client_id] = {**sent[u.client_id][0], **state}
+                receivers = [u.client_id for u in members] + idle
+                for client_id, state in zip(receivers, merged, strict=True):
+                    self.adapters[client_id] = {**self.adapters[client_id], **state}
+                refactored |= set(idle) if dw_space else set()
             if dw_space:
                 refactored |= {u.client_id for u in ordered}
         if self.eta > 0:
@@ -459,6 +548,31 @@ class PersonalizedPipeline:
         loss = sum(u.metrics.get("train-loss", np.nan) * u.num_examples for u in ordered)
         return {"train-loss": float(loss / total) if total else float("nan"), "num-examples": float(total)}
 
+    def _weights(self, members: Sequence[Update]) -> list[float]:
+        """Aggregation weights: rows trained, or under HetLoRA each update's ||dW|| (its sparsity weight)."""
+        if self.switches.hetlora:
+            norms = [delta_norm(u.adapter, self.alpha) for u in members]
+            if sum(norms) > 0:
+                return norms
+        return [float(u.num_examples) for u in members]
+
+    def _self_prune(self, update: Update) -> Update:
+        """Apply HetLoRA's self-pruning rule to a client's reply and to the state the server keeps for it."""
+        sent = self.trained_part(update.client_id, self.adapters[update.client_id])
+        pruned = self_prune(sent, update.adapter, self.prune_gamma)
+        if not pruned:
+            return update
+        ranks = module_ranks(sent)
+        self.pruned[update.client_id] += sum(ranks[m] - k for m, k in pruned.items())
+        self.adapters[update.client_id] = truncate_ranks(self.adapters[update.client_id], pruned, self.alpha)
+        return Update(
+            update.client_id,
+            truncate_ranks(update.adapter, pruned, self.alpha),
+            update.head,
+            update.num_examples,
+            update.metrics,
+        )
+
     def summary(self) -> str:
         """One line describing the method."""
         s = self.switches
@@ -467,4 +581,6 @@ class PersonalizedPipeline:
             f"{self.name}: clustering={s.clustering} ({groups} group(s)), ranks={s.ranks}, "
             f"aggregation={s.aggregation}, laplacian eta={self.eta:g}, server lr={self.server_lr:g}, "
             f"factor split={self.factor_split}"
+            + (f", {len(self.dropped)} client(s) dropped (over budget)" if self.dropped else "")
+            + (f", rank self-pruning gamma={self.prune_gamma:g}" if s.hetlora else "")
         )

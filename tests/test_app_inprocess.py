@@ -219,7 +219,26 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         "server-lr": 1.0,
         "factor-split": "balanced",
         "frozen-layers": "use",
+        "over-budget": "shrink",
+        "rank-tiers": "",
     }
+
+
+@pytest.mark.parametrize("strategy", ["homlora", "hetlora"])  # flexlora: the same plan as hetlora, svd-dense
+def test_heterogeneous_rank_baselines_train_what_each_device_holds(tiny_run_config: dict, strategy: str) -> None:
+    values = {**tiny_run_config, "strategy": strategy, "rank-tiers": "2,4", "lora-rank": 4, "num-server-rounds": 1}
+    _, grid, outcome = _run(values)
+    ranks = [set(module_ranks(outcome.strategy.state_for(i)[0]).values()) for i in range(4)]
+    with (outcome.run_dir / "ranks.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["fits-budget"] == "True" for r in rows)
+    if strategy == "homlora":  # one plan for all: the smallest cap
+        assert ranks == [{2}] * 4 and {r["plan"] for r in rows} == {"common"}
+    else:  # caps cycle 2, 4 by partition id: each client trains and holds its own cap's rank
+        assert ranks == [{2}, {4}, {2}, {4}] and [r["plan"] for r in rows] == ["shrink", "uniform"] * 2
+    assert grid.messages_seen.count("train") == 4 and "query.fingerprint" not in grid.messages_seen
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert summary["switches"]["rank-tiers"] == "2,4" and summary["final"]
 
 
 @pytest.mark.parametrize("frozen_layers", ["use", "drop"])

@@ -32,7 +32,7 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
     [
         (
             ["--set", "strategy=fedprox"],
-            "'strategy' = 'fedprox' is not allowed: expected one of centralized, local-only, fedavg, fedavg-cluster, atlas-no-laplacian, atlas",
+            "'strategy' = 'fedprox' is not allowed: expected one of centralized, local-only, fedavg, fedavg-cluster, homlora",
         ),
         (["--set", "tasks='sst2,wnli'"], "'tasks' = 'sst2,wnli'"),
         (["--set", "clients-per-task=0"], "'clients-per-task' = 0 is not allowed: expected an integer >= 1"),
@@ -58,6 +58,15 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
         (["--set", "server-lr=0"], "'server-lr' = 0.0 is not allowed: expected a number in (0.0, 10.0]"),
         (["--set", "frozen-layers='keep'"], "'frozen-layers' = 'keep' is not allowed: expected one of use, drop"),
         (["--set", "factor-split='even'"], "expected one of balanced, a-orthonormal"),
+        (
+            ["--set", "over-budget='ignore'"],
+            "'over-budget' = 'ignore' is not allowed: expected one of shrink, drop, train",
+        ),
+        (["--set", "rank-tiers='2,x'"], "'rank-tiers' = '2,x' is not allowed: expected empty (no cap) or a comma"),
+        (["--set", "rank-tiers='0,4'"], "'rank-tiers' = '0,4'"),
+        (["--set", "max-samples-by-task='cola:-1'"], "'max-samples-by-task' = 'cola:-1' is not allowed"),
+        (["--set", "max-samples-by-task='wnli:5'"], "task:rows pairs"),
+        (["--set", "hetlora-gamma=0"], "'hetlora-gamma' = 0.0 is not allowed: expected a number in (0.0, 1.0]"),
         (["--set", "aggregation='mean'"], "'aggregation' = 'mean' is not allowed"),
         (["--set", "ranks='dense'"], "'ranks' = 'dense' is not allowed"),
         (["--set", "laplacian-eta=1.5"], "'laplacian-eta' = 1.5 is not allowed: expected a number in [0.0, 1.0]"),

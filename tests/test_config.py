@@ -28,7 +28,7 @@ def test_defaults_parse(run_config: dict) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
-        ("strategy", "fedprox", "one of centralized, local-only, fedavg, fedavg-cluster, atlas-no-laplacian, atlas"),
+        ("strategy", "fedprox", "one of centralized, local-only, fedavg, fedavg-cluster, homlora, hetlora, flexlora"),
         ("tasks", "sst2,stsb", "distinct tasks from sst2"),
         ("tasks", "sst2,sst2", "distinct tasks"),
         ("tasks", "", "distinct tasks"),
