@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from atlas_flwr.split_server import (
     run_split_round,
     start_round,
 )
-from strategies.aggregation import LORA_A_SUFFIX, State
+from strategies.aggregation import LORA_A_SUFFIX, State, energy_by_slice
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, ModelShape, TrainShape, allocate_ranks, predict_peak_bytes
 from strategies.pipeline import (
@@ -46,6 +47,7 @@ from strategies.pipeline import (
     Switches,
     Update,
     fingerprint_graph,
+    module_ranks,
     plan_groups,
     plan_ranks,
     resolve_switches,
@@ -448,6 +450,31 @@ def _common_ranks(cfg: Config, clients: Sequence[ClientInfo], shape: ModelShape,
     return ranks
 
 
+def rank_energy(strategy: PersonalizedPipeline, server_round: int, alpha: float) -> list[dict[str, Any]]:
+    """Per client, the share of its adapter's energy in rank slices 1, 2, 3-4, 5-8, ... (rank collapse watch)."""
+    top = max((r for i in strategy.adapters for r in module_ranks(strategy.adapters[i]).values()), default=1)
+    edges = [1 << k for k in range(max(top - 1, 0).bit_length() + 1)]
+    names = [
+        f"energy-{lo + 1}-{hi}" if hi > lo + 1 else f"energy-{hi}"
+        for lo, hi in zip([0, *edges[:-1]], edges, strict=True)
+    ]
+    rows = []
+    for member in strategy.members:
+        adapter = strategy.adapters[member.client_id]
+        ranks = module_ranks(adapter).values()
+        shares = energy_by_slice(adapter, alpha, edges)
+        rows.append(
+            {
+                "round": server_round,
+                "client-id": member.client_id,
+                "group": member.group,
+                "max-rank": max(ranks, default=0),
+                **dict(zip(names, shares, strict=True)),
+            }
+        )
+    return rows
+
+
 def collect_updates(
     ok: Sequence[tuple[ClientInfo, Message]], strategy: PersonalizedPipeline, server_round: int, precision: str = "fp32"
 ) -> tuple[list[Update], int]:
@@ -680,6 +707,8 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
         ckpt.restore_rng()
         first_round = ckpt.server_round + 1
         log(INFO, "resumed from %s after round %d", ckpt.run_dir, ckpt.server_round)
+    energy_file = run_dir / "rank-energy.json"
+    energy_rows = json.loads(energy_file.read_text()) if ckpt is not None and energy_file.is_file() else []
     limit = cfg.time_limit_minutes * 60.0
     longest_round, stopped_by = 0.0, "num-server-rounds"
     for server_round in range(first_round, cfg.num_server_rounds + 1):
@@ -709,6 +738,10 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             "round-seconds": t3 - t0,
         }
         writer.add_round(row)
+        energy_rows = [r for r in energy_rows if r["round"] < server_round] + rank_energy(
+            strategy, server_round, cfg.lora_alpha
+        )
+        writer.write_table("rank-energy", energy_rows)
         meta = _checkpoint_meta(cfg, plan, evals, last_train, writer, plan_seconds)
         save_checkpoint(run_dir, server_round, strategy.adapters, strategy.heads, meta)
         log(INFO, "%s", _round_line(server_round, cfg.num_server_rounds, row, cfg.tasks))

@@ -617,3 +617,31 @@ def server_step(
         out[module + LORA_A_SUFFIX] = np.vstack([a_new, a_old]).astype(new[module + LORA_A_SUFFIX].dtype)
         out[module + LORA_B_SUFFIX] = b_cat.astype(new[module + LORA_B_SUFFIX].dtype)
     return out
+
+
+def singular_values(b: np.ndarray, a: np.ndarray, scaling: float) -> np.ndarray:
+    """Singular values of ``scaling * B @ A`` without forming it: QR of both factors, SVD of an r x r core."""
+    rb = np.linalg.qr(np.asarray(b, dtype=np.float64), mode="r")
+    ra = np.linalg.qr(np.asarray(a, dtype=np.float64).T, mode="r")
+    return np.linalg.svd(scaling * rb @ ra.T, compute_uv=False)
+
+
+def energy_by_slice(state: State, alpha: float, edges: Sequence[int]) -> list[float]:
+    """Share of an adapter's energy (sum of squared singular values of every module's dW) per rank slice.
+
+    ``edges`` = (2, 4, 8, 16) gives the slices 1-2, 3-4, 5-8 and 9-16 of each module's spectrum, in
+    decreasing order of singular value; a module of rank 4 has no energy past the second slice. The
+    shares sum to 1 (all 0 for an all-zero adapter). Watching them over rounds shows whether aggregation
+    pushes the update's energy into the leading components that every rank shares ("rank collapse").
+    """
+    bounds = [0, *sorted(edges)]
+    energy = np.zeros(len(bounds) - 1)
+    for key, a in state.items():
+        if not key.endswith(LORA_A_SUFFIX):
+            continue
+        b = state[key[: -len(LORA_A_SUFFIX)] + LORA_B_SUFFIX]
+        sq = singular_values(b, a, lora_scaling(alpha, a.shape[0])) ** 2
+        for i in range(len(energy)):
+            energy[i] += sq[bounds[i] : bounds[i + 1]].sum()
+    total = energy.sum()
+    return [float(x) for x in (energy / total if total > 0 else energy)]

@@ -239,6 +239,11 @@ def test_heterogeneous_rank_baselines_train_what_each_device_holds(tiny_run_conf
     assert grid.messages_seen.count("train") == 4 and "query.fingerprint" not in grid.messages_seen
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
     assert summary["switches"]["rank-tiers"] == "2,4" and summary["final"]
+    energy = json.loads((outcome.run_dir / "rank-energy.json").read_text())
+    assert [r["client-id"] for r in energy] == [0, 1, 2, 3] and {r["max-rank"] for r in energy} <= {2, 4}
+    # Slices 1, 2, 3-4 up to the run's largest rank: 4 (2 under homlora).
+    assert all(abs(sum(v for k, v in r.items() if k.startswith("energy-")) - 1) < 1e-6 for r in energy)
+    assert ("energy-3-4" in energy[0]) == (strategy != "homlora")
 
 
 @pytest.mark.parametrize("frozen_layers", ["use", "drop"])

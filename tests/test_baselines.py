@@ -11,7 +11,7 @@ from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import model_shape, train_shape
 from atlas_flwr.server_app import plan_federation
 from atlas_flwr.train import tail_penalty
-from strategies.aggregation import lora_scaling
+from strategies.aggregation import energy_by_slice, lora_scaling
 from strategies.memory import predict_peak_bytes, profile_for
 from strategies.pipeline import (
     ClientInfo,
@@ -183,3 +183,20 @@ def test_common_ranks_give_every_client_one_plan_that_all_fit(tiny_cfg: dict) ->
     floor = predict_peak_bytes(shape, step, [0] * shape.num_layers)["total"]
     with pytest.raises(AtlasError, match="no layer is adapted by every client"):
         plan_federation(None, cfg, _clients(cfg, [floor + 1] * 3, [0] * 3), resolve_switches("homlora"))
+
+
+def test_energy_by_slice_splits_each_modules_spectrum_by_rank() -> None:
+    rng = np.random.default_rng(6)
+    u, _ = np.linalg.qr(rng.normal(size=(12, 4)))
+    v, _ = np.linalg.qr(rng.normal(size=(10, 4)))
+    sigma = np.array([4.0, 3.0, 2.0, 1.0])  # dW = s B A with B = U diag(sigma) / s, A = V^T
+    state = {
+        MODULES[0] + ".lora_A.weight": v.T,
+        MODULES[0] + ".lora_B.weight": u * sigma / lora_scaling(ALPHA, 4),
+        MODULES[1] + ".lora_A.weight": v[:, :1].T,
+        MODULES[1] + ".lora_B.weight": u[:, :1] * 2.0 / lora_scaling(ALPHA, 1),
+    }
+    shares = energy_by_slice(state, ALPHA, [1, 2, 4])
+    total = (sigma**2).sum() + 4.0
+    np.testing.assert_allclose(shares, [(16 + 4) / total, 9 / total, 5 / total])
+    assert energy_by_slice({k: 0 * v for k, v in state.items()}, ALPHA, [1, 2, 4]) == [0.0, 0.0, 0.0]
