@@ -68,6 +68,8 @@ def resolve_run_config(app: Path, config_file: Path | None, overrides: Sequence[
     for key in ("data-dir", "output-dir", "eurosat-data", "resume-from"):
         if values.get(key):
             values[key] = str(Path(values[key]).expanduser().resolve())
+    if values.get("log-dir") not in (None, "none", "run"):
+        values["log-dir"] = str(Path(values["log-dir"]).expanduser().resolve())
     if not values.get("output-dir"):
         values["output-dir"] = str((app / "outputs").resolve())
     if not values.get("run-name"):

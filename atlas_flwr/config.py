@@ -183,6 +183,11 @@ _RULES: dict[str, _Rule] = {
     "seed": _int_at_least(0),
     "device": _choice(*DEVICES),
     "output-dir": _Rule(str),
+    "log-dir": _Rule(
+        str,
+        lambda v: v in ("none", "run") or os.path.isabs(v),
+        "none, run (<run dir>/tensorboard) or an absolute folder (events in <folder>/<run name>)",
+    ),
     "run-name": _Rule(str, lambda v: "/" not in v and v not in (".", ".."), "a name without '/'"),
 }
 
@@ -264,6 +269,7 @@ class Config:
     seed: int
     device: str
     output_dir: str
+    log_dir: str
     run_name: str
 
     @classmethod
@@ -349,6 +355,12 @@ class Config:
         if not path.is_absolute():
             raise ConfigError("output-dir", raw, "an absolute path (the ServerApp's cwd is not the project)")
         return path
+
+    def tensorboard_dir(self, run_dir: Path) -> Path | None:
+        """Where the run's TensorBoard events go (``log-dir``), or None."""
+        if self.log_dir == "none":
+            return None
+        return run_dir / "tensorboard" if self.log_dir == "run" else Path(self.log_dir) / run_dir.name
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict in the form of the run config (tasks joined back)."""

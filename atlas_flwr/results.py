@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -50,12 +51,18 @@ def default_run_name(strategy: str, seed: int) -> str:
 
 
 class RunWriter:
-    """Writes ``config.json``, ``rounds.json``/``.csv``, ``clients.json``/``.csv``, ``summary.json``."""
+    """Writes ``config.json``, ``rounds.json``/``.csv``, ``clients.json``/``.csv``, ``summary.json``.
 
-    def __init__(self, run_dir: Path, config: Mapping[str, Any]) -> None:
+    With ``tensorboard`` (a folder) every round's numeric values also go there as TensorBoard scalars,
+    tagged ``<key>`` at step ``round``, as Flower and Hugging Face users expect to follow a run.
+    """
+
+    def __init__(self, run_dir: Path, config: Mapping[str, Any], tensorboard: Path | None = None) -> None:
         self.dir = run_dir
         self.rounds: list[dict[str, Any]] = []
         self._json("config.json", dict(config))
+        self._tensorboard = tensorboard
+        self._events: Any = None
 
     def _json(self, name: str, obj: Any) -> None:
         atomic_write(self.dir / name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -65,6 +72,19 @@ class RunWriter:
         self.rounds.append(dict(row))
         self._json("rounds.json", self.rounds)
         atomic_write(self.dir / "rounds.csv", _csv_text(self.rounds))
+        if self._tensorboard is not None:
+            self._scalars(row)
+
+    def _scalars(self, row: Mapping[str, Any]) -> None:
+        if self._events is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._events = SummaryWriter(log_dir=str(self._tensorboard))
+        step = int(row["round"])
+        for key, value in row.items():
+            if key != "round" and isinstance(value, int | float) and math.isfinite(value):
+                self._events.add_scalar(key, float(value), step)
+        self._events.flush()
 
     def write_clients(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Per-client metrics (the latest evaluation of each client)."""
@@ -81,5 +101,8 @@ class RunWriter:
         atomic_write(self.dir / f"{stem}.csv", _csv_text(rows))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Final summary of the run."""
+        """Final summary of the run (and the TensorBoard events closed)."""
         self._json("summary.json", dict(summary))
+        if self._events is not None:
+            self._events.close()
+            self._events = None

@@ -625,7 +625,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     config_json: dict[str, Any] = {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__}
     if ckpt is not None:
         config_json["resumed-after-round"] = ckpt.server_round
-    writer = RunWriter(run_dir, config_json)
+    writer = RunWriter(run_dir, config_json, cfg.tensorboard_dir(run_dir))
     switches = resolve_switches(cfg.strategy, cfg.clustering, cfg.ranks, cfg.aggregation)
     clients = describe_clients(grid, cfg)
     log(
@@ -766,6 +766,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             "num-eval": c.num_eval,
             **{k: v for k, v in evals.get(c.client_id, {}).items() if k != "client-id"},
             "train-loss": last_train.get(c.client_id, {}).get("train-loss", float("nan")),
+            "train-seconds": last_train.get(c.client_id, {}).get("train-seconds", float("nan")),
         }
         for c in clients
     ]

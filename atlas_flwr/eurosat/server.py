@@ -207,7 +207,9 @@ def run_eurosat(grid: Grid, cfg: Config) -> Path:
         run_dir = new_run_dir(
             cfg.resolved_output_dir(), cfg.run_name or default_run_name(f"eurosat-{cfg.precision}", cfg.seed)
         )
-    writer = RunWriter(run_dir, {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__})
+    writer = RunWriter(
+        run_dir, {"run-config": cfg.to_dict(), "flwr-version": flwr.__version__}, cfg.tensorboard_dir(run_dir)
+    )
     model = build_model(cfg.seed)
     strategy = WireFedAvg(cfg.precision, cfg.num_clients)
     evaluation = CentralEvaluation(cfg, strategy, writer, started)
