@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from logging import INFO
+import traceback
+from collections.abc import Callable
+from logging import ERROR, INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from atlas_flwr.codec import encode_update, from_wire_record
@@ -22,7 +25,27 @@ from atlas_flwr.train import pick_device, seed_for
 from strategies.memory import DeviceProfile, parse_size, profile_for
 
 quiet_libraries()
-app = ClientApp()
+
+
+def one_line_errors(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A ClientApp mod: any exception becomes an error reply whose reason is one line naming the client.
+
+    Without it the runtime sends the whole traceback (a Ray blob in simulation) as the reason. Our own
+    errors (AtlasError) already read as one line; anything else is a bug, so its traceback stays in this
+    client's log.
+    """
+    try:
+        return call_next(message, context)
+    except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply, not a crash
+        if not isinstance(err, AtlasError):
+            log(ERROR, "%s", traceback.format_exc())
+        where = f"partition {context.node_config.get('partition-id', '?')}"
+        text = " ".join(str(err).split()) or "(no message)"
+        reason = f"{where}: {type(err).__name__}: {text}"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+app = ClientApp(mods=[one_line_errors])
 
 
 def _states(message: Message, precision: str) -> tuple[dict, dict]:

@@ -102,6 +102,36 @@ def _tasks_rule() -> _Rule:
     return _Rule(str, check, "a comma-separated list of distinct tasks from " + ", ".join(TASKS))
 
 
+def _parse_counts(value: int | str) -> tuple[int | None, dict[str, int]]:
+    """``3`` or ``"3"`` -> (3, {}); ``"sst2:3,qnli:2"`` -> (None, {...}); ``"2,qnli:4"`` -> (2, {"qnli": 4})."""
+    if isinstance(value, int):
+        return value, {}
+    default, counts = None, {}
+    for item in value.split(","):
+        name, _, count = item.strip().rpartition(":")
+        if name:
+            counts[name.strip()] = int(count)
+        else:
+            default = int(count)
+    return default, counts
+
+
+def _clients_rule() -> _Rule:
+    from atlas_flwr.data.glue import TASKS
+
+    def check(v: int | str) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            return False
+        try:
+            default, counts = _parse_counts(v)
+        except ValueError:
+            return False
+        numbers = [*counts.values(), *([] if default is None else [default])]
+        return bool(numbers) and all(n >= 1 for n in numbers) and set(counts) <= set(TASKS)
+
+    return _Rule(object, check, 'an integer >= 1, or per task such as "sst2:3,qnli:2,rte:1" (a bare number: the rest)')
+
+
 def _tasks_map_rule() -> _Rule:
     from atlas_flwr.data.glue import TASKS
 
@@ -120,7 +150,7 @@ _RULES: dict[str, _Rule] = {
     "strategy": _choice(*STRATEGIES),
     "num-server-rounds": _int_at_least(1),
     "tasks": _tasks_rule(),
-    "clients-per-task": _int_at_least(1),
+    "clients-per-task": _clients_rule(),
     "partitioner": _choice(*PARTITIONERS),
     "dirichlet-alpha": _float_in(0.0, 1e6, open_low=True),
     "max-samples-per-client": _int_at_least(0),
@@ -214,7 +244,7 @@ class Config:
     strategy: str
     num_server_rounds: int
     tasks: tuple[str, ...]
-    clients_per_task: int
+    clients_per_task: int | str
     partitioner: str
     dirichlet_alpha: float
     max_samples_per_client: int
@@ -290,20 +320,44 @@ class Config:
                 raise ConfigError(key, "<missing>", rule.allowed or f"a {rule.kind.__name__}")
             values[key.replace("-", "_")] = _coerce(key, run_config[key], rule)
         values["tasks"] = tuple(t.strip() for t in values["tasks"].split(",") if t.strip())
+        default, counts = _parse_counts(values["clients_per_task"])
+        missing = [t for t in values["tasks"] if t not in counts] if default is None else []
+        extra = sorted(set(counts) - set(values["tasks"]))
+        if missing or extra:
+            raise ConfigError(
+                "clients-per-task",
+                values["clients_per_task"],
+                f"a count for every task of tasks = {','.join(values['tasks'])} and no other "
+                f"({'missing ' + missing[0] if missing else 'not a task: ' + extra[0]}; a bare number covers the rest)",
+            )
         return cls(**values)
 
     @property
+    def task_clients(self) -> tuple[int, ...]:
+        """Clients per task, in ``tasks`` order (``clients-per-task``: one number, or per task)."""
+        default, counts = _parse_counts(self.clients_per_task)
+        return tuple(counts.get(t, default or 0) for t in self.tasks)
+
+    def clients_for(self, task: str) -> int:
+        """How many clients hold ``task`` (its number of partitions)."""
+        return self.task_clients[self.tasks.index(task)]
+
+    @property
     def num_clients(self) -> int:
-        """Size of the client population: ``tasks`` x ``clients-per-task`` (GLUE) or ``eurosat-clients``."""
+        """Size of the client population: the sum of ``clients-per-task`` (GLUE) or ``eurosat-clients``."""
         if self.workload == "eurosat":
             return self.eurosat_clients
-        return len(self.tasks) * self.clients_per_task
+        return sum(self.task_clients)
 
     def task_of(self, client_id: int) -> tuple[str, int]:
-        """Task of a client and its partition index inside that task."""
+        """Task of a client and its partition index inside that task: clients are numbered task by task."""
         if not 0 <= client_id < self.num_clients:
             raise ConfigError("partition-id", client_id, f"an integer in [0, {self.num_clients})")
-        return self.tasks[client_id // self.clients_per_task], client_id % self.clients_per_task
+        for task, count in zip(self.tasks, self.task_clients, strict=True):
+            if client_id < count:
+                return task, client_id
+            client_id -= count
+        raise AssertionError("unreachable: client_id < num_clients")
 
     @property
     def pooled(self) -> bool:

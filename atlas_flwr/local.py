@@ -76,12 +76,12 @@ def client_data(cfg: Config, client_id: int) -> ClientData:
     tokenizer = load_tokenizer(cfg.model)
     data_dir = cfg.resolved_data_dir()
     # The centralized reference pools every client's rows of the task on the task's first client.
-    indices = range(cfg.clients_per_task) if cfg.pooled and index == 0 else [index]
+    indices = range(cfg.clients_for(task)) if cfg.pooled and index == 0 else [index]
     parts = [
         client_partition(
             task,
             i,
-            cfg.clients_per_task,
+            cfg.clients_for(task),
             data_dir=data_dir,
             partitioner=cfg.partitioner,
             alpha=cfg.dirichlet_alpha,

@@ -44,7 +44,7 @@ def preflight(cfg: Config) -> None:
         for task in cfg.tasks:
             for split in ("train", "validation"):
                 rows = len(load_split(task, split, data_dir))
-                if split == "train" and rows < cfg.clients_per_task:
+                if split == "train" and rows < cfg.clients_for(task):
                     raise ConfigError(
                         "clients-per-task", cfg.clients_per_task, f"at most the {rows} train rows of {task}"
                     )

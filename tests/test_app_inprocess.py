@@ -133,7 +133,7 @@ def _flaky_app(failing: set[int]):
 
     from atlas_flwr import client_app as real
 
-    flaky = ClientApp()
+    flaky = ClientApp(mods=[real.one_line_errors])
     flaky.query("describe")(real.describe)
     flaky.evaluate()(real.evaluate)
 
@@ -152,7 +152,31 @@ def test_failed_replies_are_counted_and_the_round_goes_on(tiny_run_config: dict,
     rounds = json.loads((outcome.run_dir / "rounds.json").read_text())
     assert [r["failures"] for r in rounds] == [1, 1]
     assert all(r["num-examples"] == 3 * 24 for r in rounds)  # the failed client's rows are not counted
-    assert "client 1 (sst2) failed: error 2: RuntimeError: disk on fire" in caplog.text
+    assert "client 1 (sst2) failed: error 2: partition 1: RuntimeError: disk on fire\n" in caplog.text
+
+
+def test_a_clientapp_error_reaches_the_server_as_one_line_naming_the_partition(tiny_run_config: dict) -> None:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 2, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=tiny_run_config,
+    )
+    bad = {
+        "our own error": (
+            RecordDict({"config": ConfigRecord({"server-round": 1})}),
+            "partition 2: AtlasError: message 'train' lacks the 'adapter' ArrayRecord",
+        ),
+        "a bug": (RecordDict(), "partition 2: KeyError: 'config'"),
+    }
+    for content, reason in bad.values():
+        message = Message(content, dst_node_id=5, message_type="train", group_id="1")
+        message.metadata.__dict__["_message_id"] = "m1"
+        reply = client_app(message, context)
+        assert reply.has_error() and reply.error.reason == reason and reply.error.code == 2
 
 
 def test_every_client_failing_is_an_error(tiny_run_config: dict) -> None:

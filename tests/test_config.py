@@ -109,3 +109,44 @@ def test_the_documented_key_table_lists_every_key_the_config_reads() -> None:
     rows = [line for line in (ROOT / "docs" / "configuration.md").read_text().splitlines() if line.startswith("| `")]
     documented = {key for row in rows for key in re.findall(r"`([a-z0-9-]+)`", row.split(" | ")[0])}
     assert documented == set(config_keys())
+
+
+@pytest.mark.parametrize(
+    ("value", "counts", "task_of_last"),
+    [(3, (3, 3), ("mrpc", 2)), ("sst2:3,mrpc:1", (3, 1), ("mrpc", 0)), ("2,mrpc:4", (2, 4), ("mrpc", 3))],
+)
+def test_clients_per_task_takes_one_number_or_one_per_task(run_config: dict, value, counts, task_of_last) -> None:
+    cfg = Config.from_run_config(run_config | {"tasks": "sst2,mrpc", "clients-per-task": value})
+    assert cfg.task_clients == counts and cfg.num_clients == sum(counts)
+    assert [cfg.task_of(i)[0] for i in range(cfg.num_clients)] == ["sst2"] * counts[0] + ["mrpc"] * counts[1]
+    assert cfg.task_of(cfg.num_clients - 1) == task_of_last and cfg.clients_for("mrpc") == counts[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("sst2:3", "missing mrpc"),
+        ("2,qnli:1", "not a task: qnli"),
+        ("sst2:0,mrpc:1", "an integer >= 1, or per task"),
+        ("sst2:x", "an integer >= 1, or per task"),
+        ("wnli:2,sst2:1,mrpc:1", "an integer >= 1, or per task"),
+        (True, "an integer >= 1, or per task"),
+    ],
+)
+def test_bad_clients_per_task_is_one_line(run_config: dict, value, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        Config.from_run_config(run_config | {"tasks": "sst2,mrpc", "clients-per-task": value})
+    assert "\n" not in str(info.value)
+
+
+def test_unequal_populations_partition_each_task_among_its_own_clients(run_config: dict) -> None:
+    from atlas_flwr.local import client_data
+
+    values = run_config | {"tasks": "sst2,mrpc", "clients-per-task": "sst2:3,mrpc:1", "max-samples-per-client": 24}
+    cfg = Config.from_run_config(values)
+    rows = [{tuple(ids) for ids in client_data(cfg, i).train["input_ids"]} for i in range(4)]
+    assert [len(r) for r in rows] == [24, 24, 24, 24]
+    assert not rows[0] & rows[1] and not rows[1] & rows[2] and not rows[0] & rows[2]  # three shards of sst2
+    assert client_data(cfg, 3).task == "mrpc"
+    pooled = Config.from_run_config(values | {"strategy": "centralized"})
+    assert len(client_data(pooled, 0).train) == 72 and len(client_data(pooled, 3).train) == 24
