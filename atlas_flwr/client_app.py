@@ -14,6 +14,7 @@ from flwr.common.logger import log
 
 from atlas_flwr.codec import encode_update, from_wire_record
 from atlas_flwr.config import Config
+from atlas_flwr.dp import privatize_update, update_norm
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.eurosat.client import eurosat_train
 from atlas_flwr.identity import client_identity
@@ -134,19 +135,28 @@ def train(message: Message, context: Context) -> Message:
     new_adapter, new_head, result = run_train(cfg, client_id, server_round, adapter, head, frozen)
     adapter = without_modules(adapter, frozen)  # only what was trained goes back: the frozen modules are the server's
     log(INFO, "client %d round %d: %s", client_id, server_round, result.summary())
-    metrics = MetricRecord(
-        {
-            "client-id": client_id,
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "train-seconds": result.seconds,
-            "train-steps": result.steps,
-        }
-    )
+    new_adapter, new_head = to_numpy(new_adapter), to_numpy(new_head)
+    values = {
+        "client-id": client_id,
+        "num-examples": result.num_examples,
+        "train-loss": result.loss,
+        "train-seconds": result.seconds,
+        "train-steps": result.steps,
+    }
+    if cfg.dp_clip > 0:  # clip and noise the whole update (adapter and head) before it leaves the client
+        new = {**{f"a/{k}": v for k, v in new_adapter.items()}, **{f"h/{k}": v for k, v in new_head.items()}}
+        old = {**{f"a/{k}": v for k, v in adapter.items()}, **{f"h/{k}": v for k, v in head.items()}}
+        values["update-norm"] = update_norm(new, old)
+        private = privatize_update(
+            new, old, cfg.dp_clip, cfg.dp_noise, seed_for(cfg.seed, client_id, server_round, 0xD9)
+        )
+        new_adapter = {k[2:]: v for k, v in private.items() if k.startswith("a/")}
+        new_head = {k[2:]: v for k, v in private.items() if k.startswith("h/")}
+    metrics = MetricRecord(values)
     content = RecordDict(
         {
-            "adapter": encode_update(to_numpy(new_adapter), adapter, cfg.precision),
-            "head": encode_update(to_numpy(new_head), head, cfg.precision),
+            "adapter": encode_update(new_adapter, adapter, cfg.precision),
+            "head": encode_update(new_head, head, cfg.precision),
             "metrics": metrics,
         }
     )

@@ -179,6 +179,8 @@ _RULES: dict[str, _Rule] = {
     "server-lr": _float_in(0.0, 10.0, open_low=True),
     "factor-split": _choice(*FACTOR_SPLITS),
     "over-budget": _choice(*OVER_BUDGET),
+    "dp-clip": _float_in(0.0, 1e6),
+    "dp-noise": _float_in(0.0, 1e3),
     "hetlora-gamma": _float_in(0.0, 1.0, open_low=True),
     "hetlora-lambda": _float_in(0.0, 1e3),
     "fingerprint-kind": _choice(*FINGERPRINT_KINDS),
@@ -273,6 +275,8 @@ class Config:
     server_lr: float
     factor_split: str
     over_budget: str
+    dp_clip: float
+    dp_noise: float
     hetlora_gamma: float
     hetlora_lambda: float
     fingerprint_kind: str

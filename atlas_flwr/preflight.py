@@ -26,6 +26,10 @@ def preflight(cfg: Config) -> None:
         raise ConfigError("lr-schedule", cfg.lr_schedule, "constant with split learning (its halves keep AdamW state)")
     if cfg.split != "none" and cfg.precision != "fp32":
         raise ConfigError("precision", cfg.precision, "fp32 with split learning (activations travel in fp32)")
+    if cfg.dp_noise > 0 and cfg.dp_clip <= 0:
+        raise ConfigError("dp-noise", cfg.dp_noise, "0 unless dp-clip > 0 (the noise is scaled to the clip)")
+    if cfg.dp_clip > 0 and (cfg.split != "none" or cfg.workload != "glue"):
+        raise ConfigError("dp-clip", cfg.dp_clip, "0 with split learning and the EuroSAT workload (no DP on them)")
     _check_output_dir(cfg)
     checkpoint_to_resume(cfg.resume_from, cfg.to_dict())
     if cfg.workload == "eurosat":

@@ -21,6 +21,7 @@ from atlas_flwr.checkpoint import Checkpoint, checkpoint_to_resume, save_checkpo
 from atlas_flwr.codec import decode_update, held_by_client, to_wire_record
 from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
+from atlas_flwr.dp import run_epsilon
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.eurosat.server import run_eurosat
 from atlas_flwr.local import initial_state, model_shape, modules_per_layer, train_shape
@@ -475,6 +476,27 @@ def rank_energy(strategy: PersonalizedPipeline, server_round: int, alpha: float)
     return rows
 
 
+def dp_summary(cfg: Config, fingerprints: bool, rounds: int) -> dict[str, Any] | None:
+    """(epsilon, delta) of a run's DP on updates, alone and with the fingerprint release; None when off.
+
+    Epsilon is null where it is unbounded (a release without noise).
+    """
+    if cfg.dp_clip <= 0:
+        return None
+    updates = run_epsilon([cfg.dp_noise] * rounds, cfg.fingerprint_delta)
+    total = run_epsilon(
+        [cfg.dp_noise] * rounds + ([cfg.fingerprint_noise] if fingerprints else []), cfg.fingerprint_delta
+    )
+    return {
+        "clip": cfg.dp_clip,
+        "noise": cfg.dp_noise,
+        "delta": cfg.fingerprint_delta,
+        "rounds": rounds,
+        "epsilon-updates": updates if np.isfinite(updates) else None,
+        "epsilon-with-fingerprint": total if np.isfinite(total) else None,
+    }
+
+
 def collect_updates(
     ok: Sequence[tuple[ClientInfo, Message]], strategy: PersonalizedPipeline, server_round: int, precision: str = "fp32"
 ) -> tuple[list[Update], int]:
@@ -788,6 +810,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
                 "over-budget": cfg.over_budget if plan_kinds & {"shrink", "drop"} or over_budget else "shrink",
                 "rank-tiers": cfg.rank_tiers,
             },
+            "dp": dp_summary(cfg, switches.needs_fingerprints, int(final["round"])),
             "clusters-k": plan.clusters["k"],
             "clusters-ari": plan.clusters.get("ari-vs-declared-tasks"),
             "plan-seconds": plan_seconds,
@@ -804,5 +827,16 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             "wall-seconds": time.perf_counter() - started,
         }
     )
+    if (dp := dp_summary(cfg, switches.needs_fingerprints, int(final["round"]))) is not None:
+        log(
+            INFO,
+            "DP on updates: clip %g, noise %g: epsilon %s at delta %g over %d rounds (%s with the fingerprint)",
+            dp["clip"],
+            dp["noise"],
+            "unbounded" if dp["epsilon-updates"] is None else f"{dp['epsilon-updates']:.2f}",
+            dp["delta"],
+            dp["rounds"],
+            "unbounded" if dp["epsilon-with-fingerprint"] is None else f"{dp['epsilon-with-fingerprint']:.2f}",
+        )
     log(INFO, "run finished: results in %s", run_dir)
     return RunOutcome(run_dir, strategy)

@@ -66,6 +66,8 @@ def test_paths_become_absolute_and_data_defaults_to_shared(monkeypatch: pytest.M
         (["--set", "rank-tiers='0,4'"], "'rank-tiers' = '0,4'"),
         (["--set", "max-samples-by-task='cola:-1'"], "'max-samples-by-task' = 'cola:-1' is not allowed"),
         (["--set", "max-samples-by-task='wnli:5'"], "task:rows pairs"),
+        (["--set", "dp-noise=1.0"], "'dp-noise' = 1.0 is not allowed: expected 0 unless dp-clip > 0"),
+        (["--set", "dp-clip=1.0", "--set", "split='auto'"], "'dp-clip' = 1.0 is not allowed: expected 0 with split"),
         (["--set", "hetlora-gamma=0"], "'hetlora-gamma' = 0.0 is not allowed: expected a number in (0.0, 1.0]"),
         (["--set", "aggregation='mean'"], "'aggregation' = 'mean' is not allowed"),
         (["--set", "ranks='dense'"], "'ranks' = 'dense' is not allowed"),
