@@ -209,6 +209,8 @@ _RULES: dict[str, _Rule] = {
     "time-limit-minutes": _float_in(0.0, 1e6),
     "resume-from": _Rule(str),
     "min-clients": _int_at_least(1),
+    "fraction-train": _float_in(0.0, 1.0, open_low=True),
+    "min-train-nodes": _int_at_least(1),
     "reply-timeout-seconds": _float_in(0.0, 1e6),
     "inject-failures": _float_in(0.0, 0.9),
     "lr-schedule": _choice(*LR_SCHEDULES),
@@ -297,6 +299,8 @@ class Config:
     time_limit_minutes: float
     resume_from: str
     min_clients: int
+    fraction_train: float
+    min_train_nodes: int
     reply_timeout_seconds: float
     inject_failures: float
     lr_schedule: str

@@ -38,6 +38,7 @@ from atlas_flwr.split_server import (
     run_split_round,
     start_round,
 )
+from atlas_flwr.train import seed_for
 from strategies.aggregation import LORA_A_SUFFIX, State, energy_by_slice
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, ModelShape, TrainShape, allocate_ranks, predict_peak_bytes
@@ -524,7 +525,8 @@ def _train_federated(
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Train messages to every client, validated replies folded into the strategy."""
     timeout = cfg.reply_timeout_seconds or None
-    trainers = set(strategy.trainers())
+    pool = set(strategy.trainers())
+    trainers = set(strategy.sample(cfg.fraction_train, cfg.min_train_nodes, seed_for(cfg.seed, server_round, 0x5A)))
     clients = [c for c in clients if c.client_id in trainers]
     ok, train_io = _send(grid, clients, strategy, "train", server_round, timeout, cfg.precision)
     t1 = time.perf_counter()
@@ -538,7 +540,8 @@ def _train_federated(
             f"min-clients = {cfg.min_clients}; see the warnings above"
         )
     last_train.update({r.client_id: r.metrics for r in replies})
-    metrics = strategy.aggregate_train(replies)
+    metrics = strategy.aggregate_train(replies, sat_out=pool - trainers)
+    metrics["sampled"] = float(len(trainers))
     # The clients' own training time, summed: what the train phase costs beyond it is messaging and dispatch.
     compute = float(sum(r.metrics.get("train-seconds", 0.0) for r in replies))
     return metrics, train_io, {"aggregate-seconds": time.perf_counter() - t1, "client-train-seconds": compute}

@@ -438,6 +438,17 @@ class PersonalizedPipeline:
         """The part of ``adapter`` that the client trains (and sends back): all but its frozen modules."""
         return _subset(adapter, set(module_ranks(adapter)) - self.frozen[client_id])
 
+    def sample(self, fraction: float, minimum: int, seed: int) -> list[int]:
+        """This round's trainers: ``max(minimum, int(fraction n))`` of the ``n`` :meth:`trainers`, drawn by ``seed``.
+
+        As Flower's strategies size their sample (``fraction_train``, ``min_train_nodes``); all of them at 1.0.
+        """
+        pool = self.trainers()
+        size = min(len(pool), max(minimum, int(fraction * len(pool))))
+        if size >= len(pool):
+            return pool
+        return sorted(int(i) for i in np.random.default_rng(seed).choice(pool, size=size, replace=False))
+
     def trainers(self) -> list[int]:
         """The clients that train each round: all but the dropped, or under ``pooled`` each task's first."""
         if not self.switches.pooled:
@@ -473,9 +484,11 @@ class PersonalizedPipeline:
             return ("task", member.task, shape)
         return ("group", member.group, shape)
 
-    def aggregate_train(self, updates: Sequence[Update]) -> dict[str, float]:
+    def aggregate_train(self, updates: Sequence[Update], sat_out: Iterable[int] = ()) -> dict[str, float]:
         """Fold one round's updates into the per-client states; clients without an update keep theirs.
 
+        Clients in ``sat_out`` (not sampled this round) and the dropped ones take their group's aggregate,
+        as a frozen holder does; a client whose reply failed keeps its state.
         Updates are sorted by client id first, so the result does not depend on arrival order.
         """
         ordered = sorted(updates, key=lambda u: u.client_id)
@@ -483,6 +496,7 @@ class PersonalizedPipeline:
         method = self.switches.aggregation
         if self.switches.hetlora:
             ordered = [self._self_prune(u) for u in ordered]
+        receivers_only = (self.dropped | frozenset(sat_out)) - {u.client_id for u in ordered}
         dw_space = method in DW_AGGREGATIONS
         sent = {u.client_id: self.state_for(u.client_id) for u in ordered}
         stepped = {
@@ -504,7 +518,7 @@ class PersonalizedPipeline:
                 groups[by_id[u.client_id].group].append(u)
             for group, members in groups.items():
                 # Dropped clients take part as holders that trained nothing: they get the group's result.
-                idle = [m.client_id for m in self.members if m.group == group and m.client_id in self.dropped]
+                idle = [m.client_id for m in self.members if m.group == group and m.client_id in receivers_only]
                 merged = aggregate_group(
                     [stepped[u.client_id] for u in members] + [{} for _ in idle],
                     self._weights(members) + [0.0 for _ in idle],

@@ -318,3 +318,11 @@ def test_methods_give_pairwise_different_results(tiny_run_config: dict) -> None:
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             assert results[a] != results[b], f"{a} and {b} gave identical client states"
+
+
+def test_fraction_train_samples_clients_each_round_and_evaluates_everyone(tiny_run_config: dict) -> None:
+    _, grid, outcome = _run({**tiny_run_config, "fraction-train": 0.5})
+    rounds = json.loads((outcome.run_dir / "rounds.json").read_text())
+    assert grid.messages_seen.count("train") == 4 and [r["sampled"] for r in rounds] == [2, 2]
+    clients = json.loads((outcome.run_dir / "clients.json").read_text())
+    assert all("accuracy" in c or "f1" in c for c in clients)

@@ -200,3 +200,20 @@ def test_energy_by_slice_splits_each_modules_spectrum_by_rank() -> None:
     total = (sigma**2).sum() + 4.0
     np.testing.assert_allclose(shares, [(16 + 4) / total, 9 / total, 5 / total])
     assert energy_by_slice({k: 0 * v for k, v in state.items()}, ALPHA, [1, 2, 4]) == [0.0, 0.0, 0.0]
+
+
+def test_sampling_sizes_like_flower_and_the_clients_that_sit_out_take_their_groups_model() -> None:
+    ranks = [dict.fromkeys(MODULES, 4)] * 4
+    pipe = _pipeline("fedavg", ranks)
+    assert pipe.sample(1.0, 1, seed=0) == [0, 1, 2, 3]
+    draws = {tuple(pipe.sample(0.5, 1, seed=s)) for s in range(20)}
+    assert all(len(d) == 2 for d in draws) and len(draws) > 1 and pipe.sample(0.5, 1, 3) == pipe.sample(0.5, 1, 3)
+    assert len(pipe.sample(0.1, 3, seed=0)) == 3  # min-train-nodes wins over int(0.1 x 4) = 0
+    rng = np.random.default_rng(9)
+    pipe.aggregate_train([Update(i, _adapter(rng, ranks[i]), _head(), 10) for i in (0, 1)], sat_out=[2])
+    assert state_digest(pipe.state_for(2)[0]) == state_digest(pipe.state_for(0)[0])
+    assert state_digest(pipe.state_for(3)[0]) != state_digest(pipe.state_for(0)[0])  # failed, not sampled out
+    local = _pipeline("local-only", ranks)
+    before = state_digest(local.state_for(2)[0])
+    local.aggregate_train([Update(0, _adapter(rng, ranks[0]), _head(), 10)], sat_out=[2])
+    assert state_digest(local.state_for(2)[0]) == before
