@@ -253,6 +253,36 @@ def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
     return rows
 
 
+def gap_table(runs: Sequence[Run], reference: str = "centralized") -> list[dict[str, str]]:
+    """Each method's final main metric minus the ``reference``'s, per task (mean over the seeds both have).
+
+    Empty when the reference is not among the runs. "worst task" is the most negative gap.
+    """
+    by_method = _by_method(runs)
+    if reference not in by_method:
+        return []
+
+    def per_task(group: Sequence[Run]) -> dict[int, dict[str, float]]:
+        return {r.seed: {t: float(r.rounds[-1][f"{t}-{MAIN_METRIC[t]}"]) for t in r.tasks} for r in group}
+
+    base = per_task(by_method[reference])
+    rows = []
+    for method, group in by_method.items():
+        if method == reference:
+            continue
+        scores = per_task(group)
+        seeds = sorted(set(scores) & set(base))
+        if not seeds:
+            continue
+        tasks = group[0].tasks
+        gaps = {t: float(np.mean([scores[s][t] - base[s][t] for s in seeds])) for t in tasks}
+        row = {"method": method, "seeds": str(len(seeds))}
+        row |= {f"{t} {MAIN_METRIC[t]} gap": f"{gaps[t]:+.3f}" for t in tasks}
+        row["worst task"] = f"{min(gaps.values()):+.3f}"
+        rows.append(row)
+    return rows
+
+
 def markdown(rows: Sequence[dict[str, str]]) -> str:
     """A markdown table of rows with the same keys."""
     if not rows:
@@ -363,18 +393,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = method_table(runs)
         references = {r.method for r in runs}
         paired = paired_table(runs, args.reference) if args.reference in references else []
+        gaps = gap_table(runs)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"atlas-report: {err}", file=sys.stderr)
         return 2
     if args.readme is not None:
         try:
-            summary = markdown(summary_table(runs))
-            write_sections(args.readme, {args.section: f"{summary}\n{markdown(paired)}" if paired else summary})
+            body = "\n".join(markdown(rows) for rows in (summary_table(runs), gaps, paired) if rows)
+            write_sections(args.readme, {args.section: body})
         except (OSError, ValueError) as err:
             print(f"atlas-report: {args.readme}: {err}", file=sys.stderr)
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    for stem, rows in (("methods", methods), ("paired", paired)):
+    for stem, rows in (("methods", methods), ("gap", gaps), ("paired", paired)):
         (args.out / f"{stem}.md").write_text(markdown(rows))
         (args.out / f"{stem}.csv").write_text(_csv(rows))
     pngs = figures(runs, args.out)
