@@ -13,6 +13,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from atlas_flwr.codec import encode_update, from_wire_record
+from atlas_flwr.common.devices import DeviceProfile, parse_size, profile_for
 from atlas_flwr.config import Config
 from atlas_flwr.dp import privatize_update, update_norm
 from atlas_flwr.errors import AtlasError
@@ -23,7 +24,6 @@ from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import to_numpy, without_modules
 from atlas_flwr.split_client import split_step
 from atlas_flwr.train import pick_device, seed_for
-from strategies.memory import DeviceProfile, parse_size, profile_for
 
 quiet_libraries()
 

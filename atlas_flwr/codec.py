@@ -18,9 +18,9 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from atlas_flwr.common.state import State
 from atlas_flwr.config import PRECISIONS
 
-State = dict[str, np.ndarray]
 SCALE_SUFFIX = ":scale"
 
 

@@ -81,7 +81,7 @@ def _float_in(low: float, high: float, *, open_low: bool = False) -> _Rule:
 
 
 def _sizes_rule() -> _Rule:
-    from strategies.memory import parse_size
+    from atlas_flwr.common.devices import parse_size
 
     def check(v: str) -> bool:
         try:

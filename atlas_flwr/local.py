@@ -10,8 +10,8 @@ from functools import lru_cache
 import datasets
 import numpy as np
 import torch
-from transformers import AutoConfig
 
+from atlas_flwr.common.state import module_ranks
 from atlas_flwr.config import Config
 from atlas_flwr.data import (
     client_partition,
@@ -39,11 +39,8 @@ from atlas_flwr.models.classifier import (
     load_head_state,
     load_tokenizer,
 )
-from atlas_flwr.models.registry import resolve_model
 from atlas_flwr.records import State, module_of, to_torch, without_modules
 from atlas_flwr.train import TrainResult, evaluate, pick_device, seed_for, train_local
-from strategies.memory import ModelShape, TrainShape
-from strategies.pipeline import module_ranks
 
 
 @dataclass(frozen=True)
@@ -126,17 +123,6 @@ def modules_per_layer(adapter: State) -> list[list[str]]:
     for module in module_ranks(adapter):
         layers.setdefault(layer_of(module), []).append(module)
     return [sorted(layers[i]) for i in sorted(layers)]
-
-
-def model_shape(cfg: Config) -> ModelShape:
-    """The memory model's view of the run's model and LoRA targets."""
-    source = resolve_model(cfg.model)
-    return ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)
-
-
-def train_shape(cfg: Config) -> TrainShape:
-    """The largest training step a client runs: a full batch padded to ``max-length``."""
-    return TrainShape(batch=cfg.batch_size, seq_len=cfg.max_length)
 
 
 def loaded_model(cfg: Config, task: str, adapter: State, head: State) -> SequenceClassifier:

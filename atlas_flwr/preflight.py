@@ -67,8 +67,9 @@ def _check_output_dir(cfg: Config) -> None:
 
 def _check_model_fits(cfg: Config) -> None:
     """LoRA rank, split block and simulated memory tiers against the model's shape."""
-    from atlas_flwr.local import model_shape, train_shape
-    from strategies.memory import Calibration, parse_size, predict_peak_bytes
+    from atlas_flwr.common.devices import parse_size
+    from atlas_flwr.shapes import model_shape, train_shape
+    from strategies.memory import Calibration, predict_peak_bytes
     from strategies.pipeline import resolve_switches
 
     shape = model_shape(cfg)  # the view the server plans ranks with

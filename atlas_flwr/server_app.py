@@ -19,17 +19,19 @@ from flwr.serverapp import Grid, ServerApp
 
 from atlas_flwr.checkpoint import Checkpoint, checkpoint_to_resume, save_checkpoint
 from atlas_flwr.codec import decode_update, held_by_client, to_wire_record
+from atlas_flwr.common.state import LORA_A_SUFFIX, State, module_ranks, state_digest
 from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
 from atlas_flwr.dp import run_epsilon
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.eurosat.server import run_eurosat
-from atlas_flwr.local import initial_state, model_shape, modules_per_layer, train_shape
+from atlas_flwr.local import initial_state, modules_per_layer
 from atlas_flwr.messaging import exchange
 from atlas_flwr.preflight import preflight
 from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.records import from_record, message_bytes, to_numpy
 from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
+from atlas_flwr.shapes import model_shape, train_shape
 from atlas_flwr.split_server import (
     SPLIT_DEVICE,
     SplitClient,
@@ -39,7 +41,7 @@ from atlas_flwr.split_server import (
     start_round,
 )
 from atlas_flwr.train import seed_for
-from strategies.aggregation import LORA_A_SUFFIX, State, energy_by_slice
+from strategies.aggregation import energy_by_slice
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, ModelShape, TrainShape, allocate_ranks, predict_peak_bytes
 from strategies.pipeline import (
@@ -49,11 +51,9 @@ from strategies.pipeline import (
     Switches,
     Update,
     fingerprint_graph,
-    module_ranks,
     plan_groups,
     plan_ranks,
     resolve_switches,
-    state_digest,
 )
 
 quiet_libraries()

@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from atlas_flwr.common.state import module_ranks
 from atlas_flwr.config import Config
 from atlas_flwr.data.tokenize import collator
 from atlas_flwr.errors import AtlasError
@@ -29,7 +30,6 @@ from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.records import from_record, to_record, to_torch
 from atlas_flwr.split_train import ClientSide
 from atlas_flwr.train import seed_for
-from strategies.pipeline import module_ranks
 
 STATE_ADAPTER, STATE_OPTIMIZER, STATE_RNG = "split-bottom", "split-optimizer", "split-rng"
 

@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from atlas_flwr.common.state import State
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.fingerprint import layer_of
@@ -37,7 +38,6 @@ from atlas_flwr.messaging import exchange
 from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.records import from_record, to_record
 from atlas_flwr.split_train import ServerSide
-from strategies.aggregation import State
 from strategies.pipeline import ClientInfo, Update
 
 #: Where split halves compute, whatever the client has: split_train places nothing on a device yet.
@@ -227,8 +227,9 @@ def plan_split(
 ) -> tuple[list[SplitClient], list[dict]]:
     """Choose each client's cut (``split = auto``: the deepest that fits its memory; or the given block) and
     build its server half; return them with one row per client for the run's ``split`` table."""
-    from atlas_flwr.local import loaded_model, model_shape, train_shape
+    from atlas_flwr.local import loaded_model
     from atlas_flwr.models.registry import resolve_model
+    from atlas_flwr.shapes import model_shape, train_shape
     from strategies.memory import Calibration, choose_split, split_client_peak_bytes
 
     shape, step = model_shape(cfg), train_shape(cfg)

@@ -42,10 +42,16 @@ SETTING = {
 
 def plain_loop(values: dict) -> dict:
     """The rounds without Flower: train, aggregate, evaluate, timed per phase."""
+    from atlas_flwr.common.state import state_digest
     from atlas_flwr.config import Config
     from atlas_flwr.local import client_data, initial_state, run_evaluate, run_train
     from atlas_flwr.records import to_numpy
-    from strategies.pipeline import PRESETS, Member, PersonalizedPipeline, Update, state_digest
+    from strategies.pipeline import (
+        PRESETS,
+        Member,
+        PersonalizedPipeline,
+        Update,
+    )
 
     cfg = Config.from_run_config(values)
     ids = list(range(cfg.num_clients))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-State = Mapping[str, np.ndarray]
+from atlas_flwr.common.state import LORA_A_SUFFIX, LORA_B_SUFFIX, State
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -57,8 +57,6 @@ def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[
 Factor = tuple[np.ndarray, np.ndarray, float]
 """One client's LoRA factors for one module: ``(B, A, s)`` with ``dW = s * B @ A``."""
 
-LORA_A_SUFFIX = ".lora_A.weight"
-LORA_B_SUFFIX = ".lora_B.weight"
 AGGREGATION_METHODS = ("exact", "zero-pad", "svd-dense", "factor-avg")
 
 

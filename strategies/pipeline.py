@@ -48,17 +48,14 @@ Pure numpy: no Flower import; states are ``dict[str, ndarray]``.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from atlas_flwr.common.state import LORA_A_SUFFIX, LORA_B_SUFFIX, State, module_ranks
 from strategies.aggregation import (
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    State,
     aggregate_states,
     lora_scaling,
     refactor_state,
@@ -160,23 +157,6 @@ class Update:
     head: State
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def module_ranks(adapter: State) -> dict[str, int]:
-    """Module name -> LoRA rank, read from the ``lora_A`` shapes of a PEFT adapter state."""
-    return {k[: -len(LORA_A_SUFFIX)]: int(v.shape[0]) for k, v in adapter.items() if k.endswith(LORA_A_SUFFIX)}
-
-
-def state_digest(*states: State) -> str:
-    """A content digest of states: equal digests mean equal tensors (used to share evaluations)."""
-    digest = hashlib.sha256()
-    for state in states:
-        for key in sorted(state):
-            value = np.ascontiguousarray(state[key])
-            digest.update(key.encode())
-            digest.update(str((value.dtype, value.shape)).encode())
-            digest.update(value.tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _split_by_holders(states: Sequence[State]) -> dict[tuple[int, ...], list[str]]:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from atlas_flwr.client_app import app as client_app
+from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import initial_state
 from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.records import to_numpy, to_record
 from atlas_flwr.server_app import run_federation
-from strategies.pipeline import module_ranks, state_digest
 
 
 @pytest.fixture()
@@ -201,7 +201,7 @@ def _binding_tiers(cfg: Config) -> str:
     """Two device tiers for the tiny model: one that holds only the top layer's adapter, one that holds all.
 
     Priced with the calibration the server plans with: that of the device the clients train on."""
-    from atlas_flwr.local import model_shape, train_shape
+    from atlas_flwr.shapes import model_shape, train_shape
     from atlas_flwr.train import pick_device
     from strategies.memory import Calibration, predict_peak_bytes
 

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from atlas_flwr.common.devices import profile_for
+from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.local import model_shape, train_shape
 from atlas_flwr.server_app import plan_federation
+from atlas_flwr.shapes import model_shape, train_shape
 from atlas_flwr.train import tail_penalty
 from strategies.aggregation import energy_by_slice, lora_scaling
-from strategies.memory import predict_peak_bytes, profile_for
+from strategies.memory import predict_peak_bytes
 from strategies.pipeline import (
     ClientInfo,
     Member,
@@ -20,10 +22,8 @@ from strategies.pipeline import (
     Update,
     aggregate_group,
     delta_norm,
-    module_ranks,
     resolve_switches,
     self_prune,
-    state_digest,
     truncate_ranks,
 )
 

@@ -9,17 +9,14 @@ from dataclasses import fields
 
 import pytest
 
+from atlas_flwr.common.devices import DeviceProfile, format_size, parse_size, profile_for
 from strategies.memory import (
     Calibration,
-    DeviceProfile,
     ModelShape,
     TrainShape,
     _Costs,
     allocate_ranks,
-    format_size,
-    parse_size,
     predict_peak_bytes,
-    profile_for,
 )
 
 # Config dicts as in each model's config.json (keys that do not size the model trimmed).

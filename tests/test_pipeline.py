@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from atlas_flwr.common.state import module_ranks, state_digest
 from strategies.aggregation import lora_scaling, weighted_average
 from strategies.memory import ModelShape, TrainShape, predict_peak_bytes
 from strategies.pipeline import (
@@ -14,11 +15,9 @@ from strategies.pipeline import (
     PersonalizedPipeline,
     Update,
     aggregate_group,
-    module_ranks,
     plan_groups,
     plan_ranks,
     resolve_switches,
-    state_digest,
 )
 
 ALPHA = 16.0

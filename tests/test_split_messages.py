@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from atlas_flwr import split_client
 from atlas_flwr.client_app import client_identity
+from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.config import Config
 from atlas_flwr.local import initial_state, new_model
 from atlas_flwr.local_grid import LocalGrid
@@ -19,7 +20,7 @@ from atlas_flwr.split_client import batch_at, batch_plan, seed_state, split_step
 from atlas_flwr.split_server import SplitClient, round_updates, run_split_round, server_half, split_adapter
 from atlas_flwr.split_train import ClientSide
 from atlas_flwr.train import seed_for
-from strategies.pipeline import ClientInfo, module_ranks, state_digest
+from strategies.pipeline import ClientInfo
 
 
 def _app(forget_between_messages: bool) -> ClientApp:

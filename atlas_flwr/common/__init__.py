@@ -1,0 +1,1 @@
+"""Code both sides use: state names, devices. Never imports ``strategies/`` or server code."""

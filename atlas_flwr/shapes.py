@@ -1,0 +1,24 @@
+"""The server's view of a run for its memory model: the model's shape and the largest training step.
+
+Server side only (planning, preflight, split cuts): it imports the memory model from ``strategies/``,
+which no client module does.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+
+from atlas_flwr.config import Config
+from atlas_flwr.models.registry import resolve_model
+from strategies.memory import ModelShape, TrainShape
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """The memory model's view of the run's model and LoRA targets."""
+    source = resolve_model(cfg.model)
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)
+
+
+def train_shape(cfg: Config) -> TrainShape:
+    """The largest training step a client runs: a full batch padded to ``max-length``."""
+    return TrainShape(batch=cfg.batch_size, seq_len=cfg.max_length)

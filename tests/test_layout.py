@@ -1,0 +1,62 @@
+"""The layout's rules (docs/design.md): the client never reaches the server's code, each concept is defined once."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Modules only the server (or a tool) may import; ``strategies`` is the server's algorithm package.
+SERVER_ONLY = ("strategies", "atlas_flwr.server_app", "atlas_flwr.split_server", "atlas_flwr.shapes",
+               "atlas_flwr.preflight", "atlas_flwr.report", "atlas_flwr.eurosat.server")  # fmt: skip
+
+
+def _module_path(name: str) -> Path | None:
+    base = ROOT / Path(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names if _module_path(f"{node.module}.{a.name}")}
+    return {m for m in out if m.split(".")[0] in ("atlas_flwr", "strategies")}
+
+
+def test_nothing_the_client_app_reaches_is_server_code() -> None:
+    seen, todo, via = set(), ["atlas_flwr.client_app"], {}
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_path(name)
+        for dep in _imports(path) if path else ():
+            via.setdefault(dep, name)
+            todo.append(dep)
+    bad = sorted(m for m in seen if m.startswith(SERVER_ONLY))
+    assert not bad, f"the ClientApp reaches {bad[0]} (imported by {via[bad[0]]})"
+    assert "atlas_flwr.common.state" in seen and "atlas_flwr.local" in seen  # the walk does reach the client's code
+
+
+def test_shared_concepts_are_defined_once() -> None:
+    names = {"State": [], "LORA_A_SUFFIX": [], "DeviceProfile": [], "parse_size": [], "module_ranks": []}
+    for path in [*ROOT.glob("atlas_flwr/**/*.py"), *ROOT.glob("strategies/*.py")]:
+        for node in ast.parse(path.read_text()).body:
+            targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            defined = getattr(node, "name", None) or (node.target.id if isinstance(node, ast.AnnAssign) else None)
+            for name in [*targets, defined]:
+                if name in names:
+                    names[name].append(str(path.relative_to(ROOT)))
+    assert {k: len(v) for k, v in names.items()} == dict.fromkeys(names, 1), names
+    assert names["State"] == ["atlas_flwr/common/state.py"] and names["DeviceProfile"] == [
+        "atlas_flwr/common/devices.py"
+    ]
