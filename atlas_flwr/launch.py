@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -87,6 +88,11 @@ class LocalSuperLink(AbstractContextManager):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="atlas-superlink-"))
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
+        # Every process it has spawned so far: if it dies, its children are re-parented and can no longer
+        # be found from it, so they are recorded while it lives (a watcher thread, every 0.5 s).
+        self._family: dict[int, psutil.Process] = {}
+        self._watching = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -120,6 +126,9 @@ class LocalSuperLink(AbstractContextManager):
             self.process = subprocess.Popen(
                 self._command(), env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        self._watching.set()
+        self._watcher = threading.Thread(target=self._watch, name="superlink-family", daemon=True)
+        self._watcher.start()
         deadline = time.monotonic() + 60
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -129,10 +138,31 @@ class LocalSuperLink(AbstractContextManager):
             time.sleep(0.2)
         return self
 
+    def _track(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self._family.setdefault(child.pid, child)
+
+    def _watch(self) -> None:
+        while self._watching.is_set() and self.process is not None and self.process.poll() is None:
+            self._track()
+            time.sleep(0.5)
+
+    def alive(self) -> bool:
+        """Whether the SuperLink process is still running."""
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
-        """Stop the SuperLink and every process it spawned (see :func:`stop_family`)."""
+        """Stop the SuperLink and every process it spawned (see :func:`stop_family`), also those it left
+        behind when it died (recorded while it lived)."""
+        self._watching.clear()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         if self.process is not None:
-            stop_family(self.process)
+            self._track()
+            stop_family(self.process, extra=list(self._family.values()))
         self.process = None
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -141,22 +171,38 @@ class LocalSuperLink(AbstractContextManager):
         self.stop()
 
     def flwr(self, *args: str, capture: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
-        """Run a ``flwr`` CLI command against this SuperLink."""
+        """Run a ``flwr`` CLI command against this SuperLink.
+
+        Refused once the SuperLink has died: ``flwr`` would start a SuperLink of its own, which nobody stops.
+        """
+        if self.process is not None and not self.alive():
+            raise AtlasError(
+                f"the SuperLink (pid {self.process.pid}) exited with code {self.process.returncode} "
+                f"during the run; its log: {self.workdir / self.log_name}"
+            )
         command = [flower_tool("flwr"), *args]
         return subprocess.run(command, env=self.env, capture_output=capture, text=True, timeout=timeout, check=False)
 
 
-def stop_family(process: subprocess.Popen) -> None:
+def stop_family(process: subprocess.Popen, extra: Sequence[psutil.Process] = ()) -> None:
     """Stop a process we started and every process it spawned: SIGTERM, then SIGKILL after 10 s.
 
     Flower's runtimes (SuperExec, the simulation) start in sessions of their own, so the
     process's group alone does not hold them: the descendants are listed before anything is
-    killed, and each of their process groups is signalled too.
+    killed, and each of their process groups is signalled too. ``extra`` adds processes recorded
+    earlier (descendants that outlived their parent are no longer found from it).
     """
     try:
         family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
+    known = {p.pid for p in family}
+    for p in extra:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.pid not in known and p.is_running():  # is_running also checks the start time (no reused pid)
+                family.append(p)
+                family.extend(c for c in p.children(recursive=True) if c.pid not in known)
+                known |= {c.pid for c in family}
     groups = {process.pid} | ({_pgid(p) for p in family} - {None, os.getpgid(0)})
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         for group in groups:

@@ -127,6 +127,38 @@ def test_sigterm_mid_run_stops_every_process_it_started(tmp_path: Path, glue_dir
     assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
 
 
+def test_a_superlink_that_dies_mid_run_leaves_no_process_and_no_folder_behind(tmp_path: Path, glue_dir: str) -> None:
+    import psutil
+
+    command = [
+        str(Path(sys.executable).with_name("atlas-run")),
+        "configs/smoke.toml",
+        *("--set", "num-server-rounds=100", "--set", 'strategy="fedavg"'),
+        *("--set", f"output-dir={json.dumps(str(tmp_path / 'outputs'))}"),
+        *("--set", f"data-dir={json.dumps(glue_dir)}", "--app", str(ROOT)),
+    ]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "round 1/100" in line:
+            break
+    state = Path(re.search(r"state in (\S+)", "".join(seen)).group(1))
+    assert state.is_dir()
+    family = psutil.Process(proc.pid).children(recursive=True)
+    links = [p for p in family if "flower-superlink" in " ".join(p.cmdline())]
+    assert len(links) == 1 and any("flwr-simulation" in " ".join(p.cmdline()) for p in family), "".join(seen)[-2000:]
+    links[0].kill()
+    rest, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, rest[-2000:]
+    assert "the SuperLink (pid" in rest and "exited with code" in rest
+    _, alive = psutil.wait_procs([p for p in family if p.is_running()], timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not state.exists()  # the SuperLink's state folder goes with it
+
+
 def test_sigkill_of_the_server_then_resume_gives_the_uninterrupted_result(
     tmp_path: Path, glue_dir: str, completed
 ) -> None:
