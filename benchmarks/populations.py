@@ -1,7 +1,8 @@
 """Does clustering find the tasks in real populations? Unequal clients per task, 5 tasks, Dirichlet alpha 0.3.
 
 Every client computes its fingerprint as the ClientApp does (``local.fingerprint_features`` and
-``privatize_features``: the default ``embedding`` signal, 256 rows, no noise and noise multiplier 1);
+``privatize_features``: the ``embedding`` signal (the default) and ``embedding-labels``, 256 rows, no
+noise and noise multiplier 1);
 the server-side clustering picks k with no task labels (silhouette, k_max 8); the declared tasks only
 score the result (ARI). Where tasks merge, the row names them.
 
@@ -30,6 +31,7 @@ from atlas_flwr.quiet import quiet_libraries
 from strategies.clustering import adjusted_rand, cluster_fingerprints
 
 ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("embedding", "embedding-labels")
 POPULATIONS = {
     "unequal-4-tasks": {"tasks": "sst2,mrpc,cola,qnli", "clients-per-task": "sst2:4,mrpc:2,cola:3,qnli:1"},
     "5-tasks": {"tasks": "sst2,mrpc,cola,qnli,rte", "clients-per-task": 2},
@@ -71,22 +73,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "populations")
     parser.add_argument("--data-dir", default=os.environ.get("ATLAS_DATA_DIR", str(ROOT.parent / "shared/data/glue")))
+    parser.add_argument("--kinds", default=",".join(KINDS), help="fingerprint kinds, comma-separated")
     args = parser.parse_args()
     quiet_libraries()
     rows = []
-    for name, population in POPULATIONS.items():
+    for name, population, kind in [(n, p, k) for n, p in POPULATIONS.items() for k in args.kinds.split(",")]:
         cfg = base_config(args.data_dir, {"max-samples-per-client": 768, **population})
-        base = FingerprintSettings(kind="embedding", seed=cfg.seed, max_rows=256)
+        base = FingerprintSettings(kind=kind, seed=cfg.seed, max_rows=256)
         start = time.perf_counter()
         features = [fingerprint_features(cfg, c, base) for c in range(cfg.num_clients)]
         seconds = (time.perf_counter() - start) / cfg.num_clients
         truth = [cfg.task_of(c)[0] for c in range(cfg.num_clients)]
         for noise in (0.0, 1.0):
-            settings = FingerprintSettings(kind="embedding", noise=noise, seed=cfg.seed, max_rows=256)
+            settings = FingerprintSettings(kind=kind, noise=noise, seed=cfg.seed, max_rows=256)
             prints = [privatize_features(cfg, c, settings, *features[c]) for c in range(cfg.num_clients)]
             result = cluster_fingerprints(np.stack([p.vector for p in prints]), k_max=8, seed=cfg.seed)
             row = {
                 "population": name,
+                "kind": kind,
                 "tasks": population["tasks"],
                 "clients-per-task": str(population["clients-per-task"]),
                 "partitioner": cfg.partitioner,
@@ -109,15 +113,20 @@ def main() -> None:
                 "truth": truth,
             }
             print(
-                f"{name:32s} noise {noise:.0f}: k={row['k']} (true {row['true-k']}) ARI={row['ari']:.3f} "
+                f"{name:30s} {kind:16s} noise {noise:.0f}: k={row['k']} (true {row['true-k']}) ARI={row['ari']:.3f} "
                 f"merged {row['merged']} split {row['split-tasks']}",
                 flush=True,
             )
             rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "populations.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write(args.out, rows)  # after every population: an interrupted run keeps what it measured
+
+
+def write(out: Path, rows: list[dict]) -> None:
+    """``populations.json`` and ``populations.csv`` (the CSV without the per-client lists)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "populations.json").write_text(json.dumps(rows, indent=2) + "\n")
     flat = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
-    with (args.out / "populations.csv").open("w", newline="") as fh:
+    with (out / "populations.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)
