@@ -129,26 +129,12 @@ def epsilon_of(noise: float, num_rows: int, delta: float) -> float:
     """Epsilon of one Gaussian release with noise ``noise`` x sensitivity (Flower's RDP accountant).
 
     The noise is already scaled to the replace-one sensitivity, so this is the plain Gaussian
-    mechanism: no sampling amplification (all ``num_rows`` rows are used), one release.
+    mechanism: no sampling amplification (all ``num_rows`` rows are used, so their number does not
+    enter), one release (:func:`atlas_flwr.dp.run_epsilon`).
     """
-    from flwr.serverapp import (
-        GaussianPrivacyEvent,
-        NeighboringRelation,
-        PrivacyConfig,
-        RdpAccountant,
-        SamplingMethod,
-    )
+    from atlas_flwr.dp import run_epsilon
 
-    accountant = RdpAccountant(
-        PrivacyConfig(
-            target_delta=delta,
-            population_size=num_rows,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise, sample_size=num_rows, population_size=num_rows))
-    return float(accountant.get_epsilon(delta))
+    return run_epsilon([noise], delta)
 
 
 def _lora_b_params(model: SequenceClassifier) -> list[tuple[str, torch.nn.Parameter]]:

@@ -360,9 +360,8 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     built: dict[tuple, tuple[State, State]] = {}
     common = _common_ranks(cfg, clients, shape, step) if switches.ranks == "common" else None
     for i, client in enumerate(clients):
-        trains_on = SPLIT_DEVICE if cfg.split != "none" else client.device
+        trains_on, cap = _trains_on(cfg, client), _rank_cap(cfg, client)
         calibration = Calibration.for_device(trains_on)
-        cap = min(cfg.lora_rank, client.max_rank or cfg.lora_rank)
         row: dict[str, Any] = {
             "client-id": client.client_id,
             "task": client.task,
@@ -427,6 +426,16 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     return Plan(members, initial, adjacency, clusters, rank_rows, frozen, dropped)
 
 
+def _trains_on(cfg: Config, client: ClientInfo) -> str:
+    """Where a client's training step runs: split halves compute on SPLIT_DEVICE, else its own device."""
+    return SPLIT_DEVICE if cfg.split != "none" else client.device
+
+
+def _rank_cap(cfg: Config, client: ClientInfo) -> int:
+    """The highest rank a client may train: ``lora-rank``, lowered by its device's rank cap (0: none)."""
+    return min(cfg.lora_rank, client.max_rank or cfg.lora_rank)
+
+
 def _common_ranks(cfg: Config, clients: Sequence[ClientInfo], shape: ModelShape, step: TrainShape) -> list[int]:
     """Homogeneous LoRA's plan: per layer the smallest of every client's equal-importance plan.
 
@@ -435,8 +444,7 @@ def _common_ranks(cfg: Config, clients: Sequence[ClientInfo], shape: ModelShape,
     """
     plans = []
     for client in clients:
-        cap = min(cfg.lora_rank, client.max_rank or cfg.lora_rank)
-        calibration = Calibration.for_device(SPLIT_DEVICE if cfg.split != "none" else client.device)
+        cap, calibration = _rank_cap(cfg, client), Calibration.for_device(_trains_on(cfg, client))
         try:
             allocation = allocate_ranks(
                 shape, step, client.memory_bytes, [1.0] * shape.num_layers, max_rank=cap, calibration=calibration
@@ -798,6 +806,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
     writer.write_clients(client_rows)
     final = writer.rounds[-1]
     plan_kinds = {str(r.get("plan", switches.ranks)) for r in plan.ranks}
+    dp = dp_summary(cfg, switches.needs_fingerprints, int(final["round"]))
     over_budget = any(not r.get("fits-budget", True) for r in plan.ranks)
     writer.write_summary(
         {
@@ -813,7 +822,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
                 "over-budget": cfg.over_budget if plan_kinds & {"shrink", "drop"} or over_budget else "shrink",
                 "rank-tiers": cfg.rank_tiers,
             },
-            "dp": dp_summary(cfg, switches.needs_fingerprints, int(final["round"])),
+            "dp": dp,
             "clusters-k": plan.clusters["k"],
             "clusters-ari": plan.clusters.get("ari-vs-declared-tasks"),
             "plan-seconds": plan_seconds,
@@ -830,7 +839,7 @@ def run_federation(grid: Grid, cfg: Config) -> RunOutcome:
             "wall-seconds": time.perf_counter() - started,
         }
     )
-    if (dp := dp_summary(cfg, switches.needs_fingerprints, int(final["round"]))) is not None:
+    if dp is not None:
         log(
             INFO,
             "DP on updates: clip %g, noise %g: epsilon %s at delta %g over %d rounds (%s with the fingerprint)",

@@ -17,20 +17,22 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
-import tomllib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from atlas_flwr.config import Config
 from atlas_flwr.fingerprint import FingerprintSettings
 from atlas_flwr.local import fingerprint_features, privatize_features
 from atlas_flwr.quiet import quiet_libraries
 from strategies.clustering import adjusted_rand, cluster_fingerprints
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.fingerprints import base_config
+
 KINDS = ("embedding", "embedding-labels")
 POPULATIONS = {
     "unequal-4-tasks": {"tasks": "sst2,mrpc,cola,qnli", "clients-per-task": "sst2:4,mrpc:2,cola:3,qnli:1"},
@@ -48,14 +50,6 @@ POPULATIONS = {
         "dirichlet-alpha": 0.3,
     },
 }
-
-
-def base_config(data_dir: str, overrides: dict) -> Config:
-    """The app's defaults with a population."""
-    with (ROOT / "pyproject.toml").open("rb") as fh:
-        values = dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-    values.update({"data-dir": data_dir, "output-dir": "/tmp/unused", **overrides})
-    return Config.from_run_config(values)
 
 
 def merges(truth: list[str], labels: list[int]) -> list[str]:

@@ -95,44 +95,12 @@ def test_a_failed_serverapp_is_reported_as_failed(tmp_path: Path, glue_dir: str)
     assert _gone(_superlink_pid(result.stdout))
 
 
-def test_sigterm_mid_run_stops_every_process_it_started(tmp_path: Path, glue_dir: str) -> None:
-    import psutil
-
+def _start_long_run(tmp_path: Path, glue_dir: str) -> tuple[subprocess.Popen, list[str]]:
+    """``atlas-run`` of a 100-round fedavg smoke run, read until round 1 is logged: its process and output so far."""
     command = [
         str(Path(sys.executable).with_name("atlas-run")),
         "configs/smoke.toml",
-        "--set",
-        "num-server-rounds=100",
-        "--set",
-        'strategy="fedavg"',  # no fingerprint phase before round 1: the test waits for round 1
-        "--set",
-        f"output-dir={json.dumps(str(tmp_path / 'outputs'))}",
-        "--set",
-        f"data-dir={json.dumps(glue_dir)}",
-        "--app",
-        str(ROOT),
-    ]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "round 1/100" in line:
-            break
-    family = psutil.Process(proc.pid).children(recursive=True)
-    assert any("flwr-simulation" in " ".join(p.cmdline()) for p in family), "".join(seen)[-2000:]
-    proc.terminate()
-    proc.communicate(timeout=120)
-    _, alive = psutil.wait_procs(family, timeout=30)
-    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
-
-
-def test_a_superlink_that_dies_mid_run_leaves_no_process_and_no_folder_behind(tmp_path: Path, glue_dir: str) -> None:
-    import psutil
-
-    command = [
-        str(Path(sys.executable).with_name("atlas-run")),
-        "configs/smoke.toml",
+        # fedavg: no fingerprint phase before round 1, which the caller waits for
         *("--set", "num-server-rounds=100", "--set", 'strategy="fedavg"'),
         *("--set", f"output-dir={json.dumps(str(tmp_path / 'outputs'))}"),
         *("--set", f"data-dir={json.dumps(glue_dir)}", "--app", str(ROOT)),
@@ -144,6 +112,25 @@ def test_a_superlink_that_dies_mid_run_leaves_no_process_and_no_folder_behind(tm
         seen.append(line)
         if "round 1/100" in line:
             break
+    return proc, seen
+
+
+def test_sigterm_mid_run_stops_every_process_it_started(tmp_path: Path, glue_dir: str) -> None:
+    import psutil
+
+    proc, seen = _start_long_run(tmp_path, glue_dir)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert any("flwr-simulation" in " ".join(p.cmdline()) for p in family), "".join(seen)[-2000:]
+    proc.terminate()
+    proc.communicate(timeout=120)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+
+
+def test_a_superlink_that_dies_mid_run_leaves_no_process_and_no_folder_behind(tmp_path: Path, glue_dir: str) -> None:
+    import psutil
+
+    proc, seen = _start_long_run(tmp_path, glue_dir)
     state = Path(re.search(r"state in (\S+)", "".join(seen)).group(1))
     assert state.is_dir()
     family = psutil.Process(proc.pid).children(recursive=True)
