@@ -1,0 +1,98 @@
+"""Every preset gives the same client states and metrics as before AtlasStrategy (issue 19).
+
+``tests/golden/presets.json`` holds each preset's per-client state digests and final metrics on a
+tiny run, written by the hand-written round loop before the move to Flower's Strategy. Regenerate
+it only for an intended change of results: ``ATLAS_WRITE_GOLDEN=1 pytest tests/test_presets_golden.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from atlas_flwr.client_app import app as client_app
+from atlas_flwr.common.state import state_digest
+from atlas_flwr.config import Config
+from atlas_flwr.local_grid import LocalGrid
+from strategies.pipeline import PRESETS
+
+GOLDEN = Path(__file__).parent / "golden" / "presets.json"
+#: Per preset, the switches that make its code path differ from the others' on a tiny run.
+CASES = {name: {} for name in PRESETS} | {
+    "hetlora": {"rank-tiers": "2,4", "lora-rank": 4},
+    "flexlora": {"rank-tiers": "2,4", "lora-rank": 4},
+    "homlora": {"rank-tiers": "2,4", "lora-rank": 4},
+}
+
+
+def _binding_tiers(cfg: Config) -> str:
+    from atlas_flwr.shapes import model_shape, train_shape
+    from atlas_flwr.train import pick_device
+    from strategies.memory import Calibration, predict_peak_bytes
+
+    shape, step = model_shape(cfg), train_shape(cfg)
+    cal = Calibration.for_device(pick_device(cfg.device).type)
+    top_only = predict_peak_bytes(shape, step, [0] * (shape.num_layers - 1) + [cfg.lora_rank], calibration=cal)["total"]
+    full = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=cal)["total"]
+    return f"{(top_only + full) // 2}B,{2 * full}B"
+
+
+def _observe(values: dict) -> dict:
+    from atlas_flwr.server_app import run_federation
+
+    cfg = Config.from_run_config(values)
+    outcome = run_federation(LocalGrid(client_app, values, cfg.num_clients), cfg)
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    return {
+        "states": [state_digest(*outcome.strategy.state_for(i)) for i in range(cfg.num_clients)],
+        "final": {k: round(v, 6) for k, v in sorted(summary["final"].items())},
+    }
+
+
+@pytest.fixture()
+def one_thread():
+    """State digests are bit-exact only at a fixed thread count: the order of a matmul's sums depends on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def preset_values(run_config: dict, tiny_models: dict, one_thread: None) -> dict:
+    values = run_config | {
+        "model": tiny_models["bert"],
+        "tasks": "sst2,mrpc",
+        "clients-per-task": 2,
+        "max-samples-per-client": 24,
+        "max-eval-samples": 16,
+        "num-server-rounds": 2,
+        "batch-size": 8,
+        "lr": 0.01,
+        "max-length": 32,
+        "fingerprint-rows": 16,
+        "device-scale": 1.0,
+    }
+    values["device-tiers"] = _binding_tiers(Config.from_run_config(values))
+    return values
+
+
+def test_every_preset_gives_the_results_it_gave_before_the_move(preset_values: dict) -> None:
+    observed = {
+        name: _observe(preset_values | extra | {"strategy": name, "run-name": name}) for name, extra in CASES.items()
+    }
+    if os.environ.get("ATLAS_WRITE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(observed, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(golden) == sorted(PRESETS)
+    for name in PRESETS:
+        assert observed[name] == golden[name], f"preset {name} changed its results"
+    # The presets are distinct code paths: no two give the same client states.
+    states = {name: tuple(o["states"]) for name, o in observed.items()}
+    assert len(set(states.values())) == len(states)
