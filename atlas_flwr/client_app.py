@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Callable
-from logging import ERROR, INFO
+from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from atlas_flwr.client.device import device_profile, injected_failure
+from atlas_flwr.client.mods import one_line_errors
 from atlas_flwr.codec import encode_update, from_wire_record
-from atlas_flwr.common.devices import DeviceProfile, parse_size, profile_for
-from atlas_flwr.config import Config
-from atlas_flwr.dp import privatize_update, update_norm
+from atlas_flwr.dp import privatize_states
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.eurosat.client import eurosat_train
 from atlas_flwr.identity import client_identity
@@ -26,24 +23,6 @@ from atlas_flwr.split_client import split_step
 from atlas_flwr.train import pick_device, seed_for
 
 quiet_libraries()
-
-
-def one_line_errors(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """A ClientApp mod: any exception becomes an error reply whose reason is one line naming the client.
-
-    Without it the runtime sends the whole traceback (a Ray blob in simulation) as the reason. Our own
-    errors (AtlasError) already read as one line; anything else is a bug, so its traceback stays in this
-    client's log.
-    """
-    try:
-        return call_next(message, context)
-    except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply, not a crash
-        if not isinstance(err, AtlasError):
-            log(ERROR, "%s", traceback.format_exc())
-        where = f"partition {context.node_config.get('partition-id', '?')}"
-        text = " ".join(str(err).split()) or "(no message)"
-        reason = f"{where}: {type(err).__name__}: {text}"
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 app = ClientApp(mods=[one_line_errors])
@@ -58,27 +37,6 @@ def _states(message: Message, precision: str) -> tuple[dict, dict]:
         from_wire_record(content.array_records["adapter"], precision),
         from_wire_record(content.array_records["head"], precision),
     )
-
-
-def device_profile(context: Context, cfg: Config, client_id: int) -> DeviceProfile:
-    """The client's memory budget and rank cap: ``memory`` (e.g. ``"4GB"``) and ``max-rank`` in its node
-    config on the Deployment Engine, else the simulated tiers of its partition id (``device-tiers`` x
-    ``device-scale``, ``rank-tiers``)."""
-    if "memory" in context.node_config:
-        raw = str(context.node_config["memory"])
-        raw_rank = str(context.node_config.get("max-rank", 0))
-        if not raw_rank.isdigit():
-            raise AtlasError(f"node_config max-rank = {raw_rank!r} is invalid: expected an integer >= 0 (0: no cap)")
-        try:
-            return DeviceProfile(f"node-{raw}", parse_size(raw), int(raw_rank))
-        except ValueError as err:
-            raise AtlasError(f"node_config memory = {raw!r}: {err}") from err
-    return profile_for(client_id, cfg.device_tiers.split(","), cfg.device_scale, cfg.rank_caps)
-
-
-def injected_failure(seed: int, client_id: int, server_round: int, rate: float) -> bool:
-    """Whether this client fails this round on purpose (test config ``inject-failures``), reproducibly."""
-    return bool(np.random.default_rng(seed_for(seed, client_id, server_round, 0xFA11)).random() < rate)
 
 
 @app.query("describe")
@@ -144,14 +102,10 @@ def train(message: Message, context: Context) -> Message:
         "train-steps": result.steps,
     }
     if cfg.dp_clip > 0:  # clip and noise the whole update (adapter and head) before it leaves the client
-        new = {**{f"a/{k}": v for k, v in new_adapter.items()}, **{f"h/{k}": v for k, v in new_head.items()}}
-        old = {**{f"a/{k}": v for k, v in adapter.items()}, **{f"h/{k}": v for k, v in head.items()}}
-        values["update-norm"] = update_norm(new, old)
-        private = privatize_update(
-            new, old, cfg.dp_clip, cfg.dp_noise, seed_for(cfg.seed, client_id, server_round, 0xD9)
+        seed = seed_for(cfg.seed, client_id, server_round, 0xD9)
+        new_adapter, new_head, values["update-norm"] = privatize_states(
+            (new_adapter, new_head), (adapter, head), cfg.dp_clip, cfg.dp_noise, seed
         )
-        new_adapter = {k[2:]: v for k, v in private.items() if k.startswith("a/")}
-        new_head = {k[2:]: v for k, v in private.items() if k.startswith("h/")}
     metrics = MetricRecord(values)
     content = RecordDict(
         {

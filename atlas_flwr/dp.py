@@ -38,6 +38,21 @@ def privatize_update(
     return {k: a.astype(np.asarray(new[k]).dtype) for k, a in zip(keys, out, strict=True)}
 
 
+def privatize_states(
+    new: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
+    received: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
+    clip: float,
+    noise: float,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """:func:`privatize_update` over an (adapter, head) pair as one update; also its norm before the clip."""
+    joined_new = {f"{i}/{k}": v for i, state in enumerate(new) for k, v in state.items()}
+    joined_old = {f"{i}/{k}": v for i, state in enumerate(received) for k, v in state.items()}
+    private = privatize_update(joined_new, joined_old, clip, noise, seed)
+    parts = ({k[2:]: v for k, v in private.items() if k.startswith(f"{i}/")} for i in range(2))
+    return *parts, update_norm(joined_new, joined_old)
+
+
 def update_norm(new: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> float:
     """The L2 norm of ``new - received`` over every tensor (what the clip bounds)."""
     return float(np.sqrt(sum(np.sum((np.asarray(new[k], np.float64) - received[k]) ** 2) for k in new)))

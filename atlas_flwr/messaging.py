@@ -7,7 +7,7 @@ pull loop at ``poll_interval`` keeps a round trip near the transport's own laten
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -37,3 +37,39 @@ def exchange(
             break
         time.sleep(poll_interval)
     return replies
+
+
+class PollingGrid(Grid):
+    """A grid whose ``send_and_receive`` is :func:`exchange`: Flower's round loop at a 20 ms poll.
+
+    Everything else goes to the wrapped grid. Replies that do not come in time are left out, as
+    Flower's own ``send_and_receive`` leaves them out.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    @property
+    def run(self):  # Flower's Run
+        return self.grid.run
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        return [r for r in exchange(self.grid, messages, timeout=timeout) if r is not None]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Modules only the server (or a tool) may import; ``strategies`` is the server's algorithm package.
-SERVER_ONLY = ("strategies", "atlas_flwr.server_app", "atlas_flwr.split_server", "atlas_flwr.shapes",
+SERVER_ONLY = ("strategies", "atlas_flwr.server_app", "atlas_flwr.server", "atlas_flwr.split_server", "atlas_flwr.shapes",
                "atlas_flwr.preflight", "atlas_flwr.report", "atlas_flwr.eurosat.server")  # fmt: skip
 
 
@@ -60,3 +60,9 @@ def test_shared_concepts_are_defined_once() -> None:
     assert names["State"] == ["atlas_flwr/common/state.py"] and names["DeviceProfile"] == [
         "atlas_flwr/common/devices.py"
     ]
+
+
+def test_the_flower_apps_are_thin_glue() -> None:
+    for name in ("server_app.py", "client_app.py"):
+        lines = len((ROOT / "atlas_flwr" / name).read_text().splitlines())
+        assert lines <= 150, f"atlas_flwr/{name} has {lines} lines: move logic into the server/ or client/ rooms"

@@ -1,17 +1,20 @@
-"""Every preset gives the same client states and metrics as before AtlasStrategy (issue 19).
+"""A user's own ServerApp runs AtlasStrategy through Flower's round loop, and every preset gives the
+same client states and metrics as before the move to a Flower Strategy (issue 19).
 
 ``tests/golden/presets.json`` holds each preset's per-client state digests and final metrics on a
-tiny run, written by the hand-written round loop before the move to Flower's Strategy. Regenerate
-it only for an intended change of results: ``ATLAS_WRITE_GOLDEN=1 pytest tests/test_presets_golden.py``.
+tiny run, written by the hand-written round loop before the move (commit 5450a9b). Regenerate it
+only for an intended change of results: ``ATLAS_WRITE_GOLDEN=1 pytest tests/test_presets_golden.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from flwr.app import Context, RecordDict
 
 from atlas_flwr.client_app import app as client_app
 from atlas_flwr.common.state import state_digest
@@ -20,6 +23,7 @@ from atlas_flwr.local_grid import LocalGrid
 from strategies.pipeline import PRESETS
 
 GOLDEN = Path(__file__).parent / "golden" / "presets.json"
+USER_APP = Path(__file__).resolve().parents[1] / "examples" / "own_server_app.py"
 #: Per preset, the switches that make its code path differ from the others' on a tiny run.
 CASES = {name: {} for name in PRESETS} | {
     "hetlora": {"rank-tiers": "2,4", "lora-rank": 4},
@@ -40,14 +44,26 @@ def _binding_tiers(cfg: Config) -> str:
     return f"{(top_only + full) // 2}B,{2 * full}B"
 
 
-def _observe(values: dict) -> dict:
-    from atlas_flwr.server_app import run_federation
+def _observe(values: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Run the user's ServerApp (examples/own_server_app.py) on the in-process grid; keep its strategy."""
+    spec = importlib.util.spec_from_file_location("own_server_app", USER_APP)
+    user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user)
+    seen = []
 
+    class Recorded(user.AtlasStrategy):
+        def __init__(self, config: Config) -> None:
+            super().__init__(config)
+            seen.append(self)
+
+    monkeypatch.setattr(user, "AtlasStrategy", Recorded)
     cfg = Config.from_run_config(values)
-    outcome = run_federation(LocalGrid(client_app, values, cfg.num_clients), cfg)
-    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(values))
+    user.app(LocalGrid(client_app, values, cfg.num_clients), context)
+    (strategy,) = seen
+    summary = json.loads((strategy.run_dir / "summary.json").read_text())
     return {
-        "states": [state_digest(*outcome.strategy.state_for(i)) for i in range(cfg.num_clients)],
+        "states": [state_digest(*strategy.pipeline.state_for(i)) for i in range(cfg.num_clients)],
         "final": {k: round(v, 6) for k, v in sorted(summary["final"].items())},
     }
 
@@ -82,9 +98,12 @@ def preset_values(run_config: dict, tiny_models: dict, one_thread: None) -> dict
     return values
 
 
-def test_every_preset_gives_the_results_it_gave_before_the_move(preset_values: dict) -> None:
+def test_every_preset_gives_the_results_it_gave_before_the_move(
+    preset_values: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     observed = {
-        name: _observe(preset_values | extra | {"strategy": name, "run-name": name}) for name, extra in CASES.items()
+        name: _observe(preset_values | extra | {"strategy": name, "run-name": name}, monkeypatch)
+        for name, extra in CASES.items()
     }
     if os.environ.get("ATLAS_WRITE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)

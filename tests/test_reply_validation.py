@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from atlas_flwr.records import to_record
-from atlas_flwr.server_app import decode_train_reply
+from atlas_flwr.server.protocol import decode_train_reply
 from strategies.pipeline import ClientInfo
 
 CLIENT = ClientInfo(3, 103, "cola", 10, 5)

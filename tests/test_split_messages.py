@@ -8,9 +8,9 @@ import torch
 from flwr.clientapp import ClientApp
 
 from atlas_flwr import split_client
-from atlas_flwr.client_app import client_identity
 from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.config import Config
+from atlas_flwr.identity import client_identity
 from atlas_flwr.local import initial_state, new_model
 from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state

@@ -1,0 +1,182 @@
+"""Phase 1 (fingerprints, groups, graph) and phase 2 (ranks under each client's memory budget), before round 1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from atlas_flwr.checkpoint import Checkpoint
+from atlas_flwr.common.state import State
+from atlas_flwr.config import Config
+from atlas_flwr.errors import AtlasError
+from atlas_flwr.local import initial_state, modules_per_layer
+from atlas_flwr.records import to_numpy
+from atlas_flwr.server.protocol import collect_fingerprints
+from atlas_flwr.shapes import model_shape, train_shape
+from atlas_flwr.split_server import SPLIT_DEVICE
+from strategies.clustering import adjusted_rand
+from strategies.memory import Calibration, ModelShape, TrainShape, allocate_ranks, predict_peak_bytes
+from strategies.pipeline import ClientInfo, Member, Switches, fingerprint_graph, plan_groups, plan_ranks
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the server decides before round 1: groups, graph, each client's starting state and ranks."""
+
+    members: list[Member]
+    initial: dict[int, tuple[State, State]]
+    adjacency: np.ndarray | None
+    clusters: dict[str, Any]
+    ranks: list[dict[str, Any]]
+    frozen: dict[int, list[str]]  # per client, the modules it holds and uses but does not train
+    dropped: list[int] = field(default_factory=list)  # clients that sit out training (over-budget = drop)
+
+
+def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], switches: Switches) -> Plan:
+    """Fingerprints, groups and graph; then each client's ranks, held modules and starting state."""
+    prints = collect_fingerprints(grid, clients) if switches.needs_fingerprints else None
+    tasks = [c.task for c in clients]
+    groups, result = plan_groups(
+        switches.clustering, tasks, None if prints is None else prints.vectors, cfg.cluster_k_max, cfg.seed
+    )
+    clusters: dict[str, Any] = {"clustering": switches.clustering, "groups": groups, "k": len(set(groups))}
+    if result is not None:
+        clusters |= result.to_dict()
+    clusters["ari-vs-declared-tasks"] = adjusted_rand(tasks, groups) if len(set(tasks)) > 1 else None
+    if prints is not None:
+        clusters["fingerprint"] = {
+            "kind": cfg.fingerprint_kind,
+            "rows": prints.rows,
+            "noise": cfg.fingerprint_noise,
+            "epsilon": prints.epsilon,
+            "delta": prints.delta if prints.epsilon is not None else None,
+        }
+    # Recorded for every method that has fingerprints; only the Laplacian uses it.
+    adjacency = fingerprint_graph(prints.vectors) if prints is not None else None
+
+    uniform = tuple(to_numpy(t) for t in initial_state(cfg))
+    shape, step = model_shape(cfg), train_shape(cfg)
+    layers = modules_per_layer(uniform[0])
+    initial: dict[int, tuple[State, State]] = {}
+    frozen: dict[int, list[str]] = {}
+    dropped: list[int] = []
+    rank_rows: list[dict[str, Any]] = []
+    built: dict[tuple, tuple[State, State]] = {}
+    common = _common_ranks(cfg, clients, shape, step) if switches.ranks == "common" else None
+    for i, client in enumerate(clients):
+        trains_on, cap = _trains_on(cfg, client), _rank_cap(cfg, client)
+        calibration = Calibration.for_device(trains_on)
+        row: dict[str, Any] = {
+            "client-id": client.client_id,
+            "task": client.task,
+            "device": client.device_profile,
+            "trains-on": trains_on,
+            "memory-budget-bytes": client.memory_bytes,
+            "max-rank": cap,
+        }
+        importance = None
+        if switches.ranks == "budget":
+            importance, plan_kind = list(prints.importance[i]), "budget"
+        elif switches.ranks == "common":
+            plan_kind = "common"
+        else:
+            uniform_peak = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=calibration)
+            fits = (client.memory_bytes == 0 or uniform_peak["total"] <= client.memory_bytes) and cap >= cfg.lora_rank
+            # Split learning answers the memory budget with its cut, and the centralized reference has no device.
+            exempt = cfg.over_budget == "train" or switches.pooled or cfg.split != "none"
+            plan_kind = "uniform" if fits or exempt else cfg.over_budget
+            if plan_kind == "shrink":  # the budget allocator without fingerprints: every layer weighs the same
+                importance = [1.0] * shape.num_layers
+        if importance is not None or plan_kind == "common":
+            frozen_rank = cap if cfg.frozen_layers == "use" and plan_kind != "common" else 0
+            try:
+                if plan_kind == "common":
+                    ranks = list(common)
+                    pattern = {m: r for layer, r in zip(layers, ranks, strict=True) if r for m in layer}
+                    predicted, binding = predict_peak_bytes(shape, step, ranks, calibration=calibration)["total"], None
+                else:
+                    allocation, pattern = plan_ranks(
+                        shape, step, client.memory_bytes, importance, layers, cap, calibration, frozen_rank
+                    )
+                    ranks, predicted, binding = allocation.ranks, allocation.predicted["total"], allocation.binding
+            except ValueError as err:
+                raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
+            # What the budget cannot train is held at the client's cap, frozen (frozen-layers = use), or dropped.
+            held = {m: pattern.get(m, frozen_rank) for layer in layers for m in layer if m in pattern or frozen_rank}
+            frozen[client.client_id] = sorted(set(held) - set(pattern))
+            key = tuple(sorted(held.items()))
+            if key not in built:
+                built[key] = tuple(to_numpy(t) for t in initial_state(cfg, held))
+            initial[client.client_id] = built[key]
+        else:
+            initial[client.client_id] = uniform
+            ranks = [cfg.lora_rank] * shape.num_layers
+            predicted, binding = uniform_peak["total"], None
+            if plan_kind == "drop":
+                dropped.append(client.client_id)
+        row |= {
+            "plan": plan_kind,
+            "ranks-per-layer": " ".join(map(str, ranks)),
+            "adapter-params": int(sum(v.size for v in initial[client.client_id][0].values())),
+            "predicted-peak-bytes": int(predicted),
+            "fits-budget": bool(plan_kind == "drop" or client.memory_bytes == 0 or predicted <= client.memory_bytes),
+            "budget-binds": binding,
+            "frozen-modules": len(frozen.get(client.client_id, ())),
+        }
+        if prints is not None:
+            row["importance"] = " ".join(f"{x:.3g}" for x in prints.importance[i])
+        rank_rows.append(row)
+    members = [Member(c.client_id, c.task, g) for c, g in zip(clients, groups, strict=True)]
+    return Plan(members, initial, adjacency, clusters, rank_rows, frozen, dropped)
+
+
+def _trains_on(cfg: Config, client: ClientInfo) -> str:
+    """Where a client's training step runs: split halves compute on SPLIT_DEVICE, else its own device."""
+    return SPLIT_DEVICE if cfg.split != "none" else client.device
+
+
+def _rank_cap(cfg: Config, client: ClientInfo) -> int:
+    """The highest rank a client may train: ``lora-rank``, lowered by its device's rank cap (0: none)."""
+    return min(cfg.lora_rank, client.max_rank or cfg.lora_rank)
+
+
+def _common_ranks(cfg: Config, clients: Sequence[ClientInfo], shape: ModelShape, step: TrainShape) -> list[int]:
+    """Homogeneous LoRA's plan: per layer the smallest of every client's equal-importance plan.
+
+    Each client's plan fits its device and the peak only grows with any layer's rank, so the
+    element-wise minimum fits every client.
+    """
+    plans = []
+    for client in clients:
+        cap, calibration = _rank_cap(cfg, client), Calibration.for_device(_trains_on(cfg, client))
+        try:
+            allocation = allocate_ranks(
+                shape, step, client.memory_bytes, [1.0] * shape.num_layers, max_rank=cap, calibration=calibration
+            )
+        except ValueError as err:
+            raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
+        plans.append(allocation.ranks)
+    ranks = [min(layer) for layer in zip(*plans, strict=True)]
+    if not any(ranks):
+        raise AtlasError(
+            "ranks = common: no layer is adapted by every client's plan; raise device-scale or lower batch-size"
+        )
+    return ranks
+
+
+def plan_from_checkpoint(ckpt: Checkpoint, clients: Sequence[ClientInfo]) -> Plan:
+    """The plan a checkpointed run made, with every client's state as it was after the checkpoint's round."""
+    meta = ckpt.meta
+    members = [Member(int(m["client-id"]), str(m["task"]), int(m["group"])) for m in meta["members"]]
+    saved = sorted((m.client_id, m.task) for m in members)
+    now = sorted((c.client_id, c.task) for c in clients)
+    if saved != now:
+        raise AtlasError(f"resume-from: the checkpoint's clients {saved} differ from the connected ones {now}")
+    initial = {m.client_id: (ckpt.adapters.get(m.client_id, {}), ckpt.heads[m.client_id]) for m in members}
+    adjacency = None if meta["adjacency"] is None else np.asarray(meta["adjacency"], dtype=np.float64)
+    frozen = {int(k): list(v) for k, v in meta.get("frozen", {}).items()}
+    return Plan(members, initial, adjacency, meta["clusters"], meta["ranks"], frozen, meta.get("dropped", []))
