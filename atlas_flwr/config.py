@@ -49,6 +49,8 @@ FROZEN_LAYERS = ("use", "drop")
 OVER_BUDGET = ("shrink", "drop", "train")
 #: How re-factored adapters are split into B and A (strategies.aggregation.FACTOR_SPLITS).
 FACTOR_SPLITS = ("balanced", "a-orthonormal")
+#: The Laplacian graph's bandwidth (strategies.pipeline.LAPLACIAN_GRAPHS).
+LAPLACIAN_GRAPHS = ("median", "cluster")
 
 #: Environment variables that stand in for an empty ``data-dir`` / ``output-dir``.
 DATA_DIR_ENV = "ATLAS_DATA_DIR"
@@ -175,6 +177,7 @@ _RULES: dict[str, _Rule] = {
     "ranks": _choice(*RANK_MODES),
     "aggregation": _choice(*AGGREGATIONS),
     "laplacian-eta": _float_in(0.0, 1.0),
+    "laplacian-graph": _choice(*LAPLACIAN_GRAPHS),
     "frozen-layers": _choice(*FROZEN_LAYERS),
     "server-lr": _float_in(0.0, 10.0, open_low=True),
     "factor-split": _choice(*FACTOR_SPLITS),
@@ -273,6 +276,7 @@ class Config:
     ranks: str
     aggregation: str
     laplacian_eta: float
+    laplacian_graph: str
     frozen_layers: str
     server_lr: float
     factor_split: str

@@ -36,6 +36,9 @@ declare -A extra=(
   [flexlora]=""
   [atlas-no-laplacian+svd-dense]="aggregation=\"svd-dense\""
   [fedavg-cluster+drop]="over-budget=\"drop\""
+  # The Laplacian lever: the graph's bandwidth from the pairs inside a group (commit after d592403).
+  [atlas+graph-cluster]="laplacian-graph=\"cluster\""
+  [atlas+eta-0.1]="laplacian-eta=0.1"
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
   fedavg-cluster+split-auto fedavg+fp16 fedavg+int8)

@@ -69,6 +69,8 @@ from strategies.memory import Calibration, ModelShape, RankAllocation, TrainShap
 CLUSTERINGS = ("none", "learned", "oracle")
 RANK_MODES = ("uniform", "budget", "common")
 AGGREGATIONS = ("exact", "zero-pad", "svd-dense", "factor-avg", "none")
+#: The Laplacian graph's kernel bandwidth: the median distance of all pairs, or of the pairs inside a group.
+LAPLACIAN_GRAPHS = ("median", "cluster")
 
 
 @dataclass(frozen=True)
@@ -307,11 +309,34 @@ def plan_groups(
     return list(result.labels), result
 
 
-def fingerprint_graph(fingerprints: np.ndarray) -> np.ndarray:
-    """The similarity graph on L2-normalised fingerprints (the geometry the clustering uses)."""
+def fingerprint_graph(
+    fingerprints: np.ndarray, groups: Sequence[int] | None = None, scale: str = "median"
+) -> np.ndarray:
+    """The similarity graph on L2-normalised fingerprints (the geometry the clustering uses).
+
+    ``scale = "median"`` sets the kernel bandwidth to the median squared distance of all pairs: with
+    several distinct tasks most pairs cross tasks, so a typical cross-task pair weighs about exp(-1).
+    ``"cluster"`` sets it to the median over the pairs inside one of ``groups``: clients as close as
+    a group's own members weigh about exp(-1), and well-separated groups barely pull on each other.
+    With no pair inside a group it falls back to ``"median"``.
+    """
+    if scale not in LAPLACIAN_GRAPHS:
+        raise ValueError(f"unknown laplacian graph {scale!r}: expected one of {', '.join(LAPLACIAN_GRAPHS)}")
     f = np.asarray(fingerprints, dtype=np.float64)
-    norms = np.linalg.norm(f, axis=1, keepdims=True)
-    return similarity_graph(f / np.maximum(norms, 1e-12))
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    sigma2 = None
+    if scale == "cluster":
+        if groups is None or len(groups) != len(f):
+            raise ValueError(f"laplacian graph 'cluster' needs one group per client: got {groups!r}")
+        inside = [
+            float(np.sum((f[k] - f[j]) ** 2))
+            for k in range(len(f))
+            for j in range(k + 1, len(f))
+            if groups[k] == groups[j]
+        ]
+        median = float(np.median(inside)) if inside else 0.0
+        sigma2 = median if median > 0 else None
+    return similarity_graph(f, sigma2)
 
 
 def plan_ranks(

@@ -240,6 +240,7 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         "ranks": "budget",
         "aggregation": "exact",
         "laplacian-eta": 0.5,
+        "laplacian-graph": "median",
         "server-lr": 1.0,
         "factor-split": "balanced",
         "frozen-layers": "use",

@@ -158,6 +158,25 @@ def test_laplacian_pulls_clients_of_different_groups_together() -> None:
     assert gap("atlas") < gap("atlas-no-laplacian")
 
 
+def test_cluster_scaled_graph_keeps_close_groups_and_drops_distant_ones() -> None:
+    from strategies.pipeline import fingerprint_graph
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(3)[[0, 0, 1, 1, 2, 2]]  # three groups far apart
+    centres[4:] = centres[0] + 0.02 * centres[4]  # ... but the third sits near the first
+    prints = centres + 0.01 * rng.normal(size=centres.shape)
+    groups = [0, 0, 1, 1, 2, 2]
+    wide, tight = fingerprint_graph(prints), fingerprint_graph(prints, groups, "cluster")
+    assert wide[0, 2] > 0.05 and tight[0, 2] < 1e-6  # distant groups: no pull under the cluster scale
+    assert tight[0, 4] > 1e-3 and tight[0, 4] > 1e3 * tight[0, 2]  # a near group keeps a pull
+    inside = np.median([tight[0, 1], tight[2, 3], tight[4, 5]])
+    assert abs(inside - np.exp(-1)) < 0.2  # a group's own pairs sit near the bandwidth
+    single = fingerprint_graph(prints[[0, 2, 4]], [0, 1, 2], "cluster")  # no pair inside a group
+    np.testing.assert_allclose(single, fingerprint_graph(prints[[0, 2, 4]]))
+    with pytest.raises(ValueError, match="unknown laplacian graph 'knn'"):
+        fingerprint_graph(prints, groups, "knn")
+
+
 def test_result_does_not_depend_on_reply_order() -> None:
     updates = _updates(HETERO, seed=3)
     shuffled = updates[:]

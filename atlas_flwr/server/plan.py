@@ -56,7 +56,7 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
             "delta": prints.delta if prints.epsilon is not None else None,
         }
     # Recorded for every method that has fingerprints; only the Laplacian uses it.
-    adjacency = fingerprint_graph(prints.vectors) if prints is not None else None
+    adjacency = fingerprint_graph(prints.vectors, groups, cfg.laplacian_graph) if prints is not None else None
 
     uniform = tuple(to_numpy(t) for t in initial_state(cfg))
     shape, step = model_shape(cfg), train_shape(cfg)

@@ -152,6 +152,7 @@ def run_summary(
             "ranks": switches.ranks,
             "aggregation": switches.aggregation,
             "laplacian-eta": pipeline.eta,
+            "laplacian-graph": cfg.laplacian_graph,
             "server-lr": pipeline.server_lr,
             "factor-split": pipeline.factor_split,
             "frozen-layers": cfg.frozen_layers if plan_kinds & {"budget", "shrink"} else "use",
