@@ -230,7 +230,8 @@ def plan_split(
     from atlas_flwr.local import loaded_model
     from atlas_flwr.models.registry import resolve_model
     from atlas_flwr.shapes import model_shape, train_shape
-    from strategies.memory import Calibration, choose_split, split_client_peak_bytes
+    from strategies.memory import Calibration
+    from strategies.split_cut import choose_split, split_client_peak_bytes
 
     shape, step = model_shape(cfg), train_shape(cfg)
     ranks = [cfg.lora_rank] * shape.num_layers

@@ -101,7 +101,8 @@ def predicted(cut: int) -> int:
     from transformers import AutoConfig
 
     from atlas_flwr.models.registry import resolve_model
-    from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes, split_client_peak_bytes
+    from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes
+    from strategies.split_cut import split_client_peak_bytes
 
     source = resolve_model(MODEL)
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)

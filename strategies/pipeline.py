@@ -64,7 +64,8 @@ from strategies.aggregation import (
 )
 from strategies.clustering import ClusterResult, canonical_labels, cluster_fingerprints
 from strategies.laplacian import laplacian_states, similarity_graph
-from strategies.memory import Calibration, ModelShape, RankAllocation, TrainShape, allocate_ranks
+from strategies.memory import Calibration, ModelShape, TrainShape
+from strategies.ranks import RankAllocation, allocate_ranks
 
 CLUSTERINGS = ("none", "learned", "oracle")
 RANK_MODES = ("uniform", "budget", "common")

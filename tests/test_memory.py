@@ -10,14 +10,8 @@ from dataclasses import fields
 import pytest
 
 from atlas_flwr.common.devices import DeviceProfile, format_size, parse_size, profile_for
-from strategies.memory import (
-    Calibration,
-    ModelShape,
-    TrainShape,
-    _Costs,
-    allocate_ranks,
-    predict_peak_bytes,
-)
+from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes
+from strategies.ranks import _Costs, allocate_ranks
 
 # Config dicts as in each model's config.json (keys that do not size the model trimmed).
 MINILM = {
@@ -402,7 +396,7 @@ def test_predicted_activations_match_saved_tensors(tmp_path, family: str, config
 
 
 def test_split_client_is_the_truncated_model_plus_sent_activations(minilm: ModelShape) -> None:
-    from strategies.memory import choose_split, split_client_peak_bytes
+    from strategies.split_cut import choose_split, split_client_peak_bytes
 
     model = minilm
     train = TrainShape(batch=16, seq_len=128)

@@ -19,8 +19,9 @@ from atlas_flwr.server.protocol import collect_fingerprints
 from atlas_flwr.shapes import model_shape, train_shape
 from atlas_flwr.split_server import SPLIT_DEVICE
 from strategies.clustering import adjusted_rand
-from strategies.memory import Calibration, ModelShape, TrainShape, allocate_ranks, predict_peak_bytes
+from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes
 from strategies.pipeline import ClientInfo, Member, Switches, fingerprint_graph, plan_groups, plan_ranks
+from strategies.ranks import allocate_ranks
 
 
 @dataclass(frozen=True)
