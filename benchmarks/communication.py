@@ -102,7 +102,7 @@ def main() -> None:
     (OUT / "communication.md").write_text(text)
     print(text)
     if readme is not None:  # the table between the file's <!-- atlas-report:communication --> markers
-        from atlas_flwr.report import write_sections
+        from atlas_tools.report import write_sections
 
         write_sections(readme, {"communication": text})
 

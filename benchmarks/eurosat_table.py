@@ -110,7 +110,7 @@ def main() -> None:
     """Print both tables, write ``eurosat.png``, and fill the file's sections when asked."""
     import argparse
 
-    from atlas_flwr.report import write_sections
+    from atlas_tools.report import write_sections
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default="benchmarks/results/eurosat", type=Path)

@@ -97,7 +97,7 @@ def flower(values: dict, out: Path, threads: int) -> dict:
     """The same rounds through atlas-run; round times from rounds.json."""
     gpus = "1" if values["device"] == "cuda" else "0"
     # Ray gets one client's CPUs, so ClientApps run one at a time, as in the plain loop.
-    command = [sys.executable, "-m", "atlas_flwr.cli", "--client-cpus", str(threads), "--ray-cpus", str(threads)]
+    command = [sys.executable, "-m", "atlas_tools.cli", "--client-cpus", str(threads), "--ray-cpus", str(threads)]
     command += ["--client-gpus", gpus]
     for key, value in {**values, "output-dir": str(out), "run-name": "flwr"}.items():
         if key != "data-dir":
@@ -136,7 +136,7 @@ def main() -> None:
     assert "torch" not in sys.modules
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from atlas_flwr.cli import resolve_run_config
+    from atlas_tools.cli import resolve_run_config
 
     values = resolve_run_config(ROOT, None, [f"{k}={json.dumps(v)}" for k, v in SETTING.items()])
     values["output-dir"] = str(out)

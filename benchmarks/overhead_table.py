@@ -55,7 +55,7 @@ def table(root: Path) -> str:
 
 def main() -> None:
     """Print the table; with ``--readme``, write it between the file's overhead markers."""
-    from atlas_flwr.report import write_sections
+    from atlas_tools.report import write_sections
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default=ROOT / "benchmarks/results/overhead", type=Path)

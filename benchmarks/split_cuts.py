@@ -216,7 +216,7 @@ def main() -> None:
         text = table(json.loads((args.table / "split.json").read_text())["rows"])
         print(text)
         if args.readme:
-            from atlas_flwr.report import write_sections
+            from atlas_tools.report import write_sections
 
             write_sections(args.readme, {"split-cuts": text})
         return

@@ -13,9 +13,9 @@ from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.local import initial_state
-from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.records import to_numpy, to_record
 from atlas_flwr.server_app import run_federation
+from atlas_tools.local_grid import LocalGrid
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from atlas_flwr.cli import main, parse_overrides, resolve_run_config
+from atlas_tools.cli import main, parse_overrides, resolve_run_config
 from tests.conftest import ROOT
 
 
@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, 
 
 def test_flower_tool_prefers_the_interpreters_own_then_path_then_names_what_is_missing(tmp_path, monkeypatch) -> None:
     from atlas_flwr.errors import AtlasError
-    from atlas_flwr.launch import flower_tool
+    from atlas_tools.launch import flower_tool
 
     venv_bin, on_path = tmp_path / "venv" / "bin", tmp_path / "target" / "bin"
     for folder in (venv_bin, on_path):

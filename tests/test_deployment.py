@@ -15,8 +15,8 @@ import httpx
 import psutil
 import pytest
 
-from atlas_flwr.deploy import TLSSuperLink, write_node_key
-from atlas_flwr.launch import free_port, stop_family
+from atlas_tools.deploy import TLSSuperLink, write_node_key
+from atlas_tools.launch import free_port, stop_family
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from atlas_flwr.eurosat.data import default_npz
 from atlas_flwr.eurosat.model import build_model, exchanged_state, load_exchanged
 from atlas_flwr.eurosat.server import MODEL_FILE, run_eurosat
 from atlas_flwr.identity import client_identity
-from atlas_flwr.local_grid import LocalGrid
+from atlas_tools.local_grid import LocalGrid
 from tests.test_fault_tolerance import CrashingGrid
 
 

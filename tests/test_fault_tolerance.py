@@ -14,10 +14,10 @@ from atlas_flwr.client.device import injected_failure
 from atlas_flwr.client_app import app as client_app
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.records import to_record
 from atlas_flwr.server.protocol import collect_updates
 from atlas_flwr.server_app import run_federation
+from atlas_tools.local_grid import LocalGrid
 from strategies.pipeline import ClientInfo, Member, PersonalizedPipeline, Switches
 
 #: Columns that measure time: they differ between any two runs.

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: Modules only the server (or a tool) may import; ``strategies`` is the server's algorithm package.
 SERVER_ONLY = ("strategies", "atlas_flwr.server_app", "atlas_flwr.server", "atlas_flwr.split_server", "atlas_flwr.shapes",
-               "atlas_flwr.preflight", "atlas_flwr.report", "atlas_flwr.eurosat.server")  # fmt: skip
+               "atlas_flwr.preflight", "atlas_tools", "atlas_flwr.eurosat.server")  # fmt: skip
 
 
 def _module_path(name: str) -> Path | None:
@@ -28,7 +28,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
             out |= {f"{node.module}.{a.name}" for a in node.names if _module_path(f"{node.module}.{a.name}")}
-    return {m for m in out if m.split(".")[0] in ("atlas_flwr", "strategies")}
+    return {m for m in out if m.split(".")[0] in ("atlas_flwr", "strategies", "atlas_tools")}
 
 
 def test_nothing_the_client_app_reaches_is_server_code() -> None:
@@ -66,3 +66,15 @@ def test_the_flower_apps_are_thin_glue() -> None:
     for name in ("server_app.py", "client_app.py"):
         lines = len((ROOT / "atlas_flwr" / name).read_text().splitlines())
         assert lines <= 150, f"atlas_flwr/{name} has {lines} lines: move logic into the server/ or client/ rooms"
+
+
+def test_the_app_bundle_never_imports_the_tools() -> None:
+    """The FAB carries atlas_flwr/ and strategies/ only (fab-include): an import of atlas_tools would fail on a
+    SuperNode."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    assert sorted(include) == ["atlas_flwr/**/*.py", "strategies/**/*.py"]
+    for path in [*ROOT.glob("atlas_flwr/**/*.py"), *ROOT.glob("strategies/*.py")]:
+        tools = sorted(m for m in _imports(path) if m.startswith("atlas_tools"))
+        assert not tools, f"{path.relative_to(ROOT)} imports {tools[0]}, which the FAB does not carry"

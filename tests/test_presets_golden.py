@@ -19,7 +19,7 @@ from flwr.app import Context, RecordDict
 from atlas_flwr.client_app import app as client_app
 from atlas_flwr.common.state import state_digest
 from atlas_flwr.config import Config
-from atlas_flwr.local_grid import LocalGrid
+from atlas_tools.local_grid import LocalGrid
 from strategies.pipeline import PRESETS
 
 GOLDEN = Path(__file__).parent / "golden" / "presets.json"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlas_flwr.report import main
 from atlas_flwr.results import RunWriter
+from atlas_tools.report import main
 
 
 def _write_run(root: Path, strategy: str, seed: int, sst2: list[float], extra: dict | None = None) -> None:
@@ -186,7 +186,7 @@ def _benchmark(name: str):
 
 def test_the_readme_eurosat_tables_are_the_committed_results() -> None:
     """The EuroSAT tables of docs/eurosat.md are benchmarks/eurosat_table.py's output on the committed results."""
-    from atlas_flwr.report import update_section
+    from atlas_tools.report import update_section
 
     root = Path(__file__).resolve().parents[1]
     module = _benchmark("eurosat_table")
@@ -201,7 +201,7 @@ def test_the_readme_eurosat_tables_are_the_committed_results() -> None:
 
 
 def test_the_readme_communication_table_is_the_committed_one() -> None:
-    from atlas_flwr.report import update_section
+    from atlas_tools.report import update_section
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "docs/results.md").read_text()
@@ -212,7 +212,7 @@ def test_the_readme_communication_table_is_the_committed_one() -> None:
 
 
 def test_the_readme_split_cuts_table_is_the_committed_one() -> None:
-    from atlas_flwr.report import update_section
+    from atlas_tools.report import update_section
 
     root = Path(__file__).resolve().parents[1]
     module = _benchmark("split_cuts")
@@ -225,7 +225,7 @@ def test_the_readme_split_cuts_table_is_the_committed_one() -> None:
 
 
 def test_the_readme_overhead_table_is_the_committed_results() -> None:
-    from atlas_flwr.report import update_section
+    from atlas_tools.report import update_section
 
     root = Path(__file__).resolve().parents[1]
     body = _benchmark("overhead_table").table(root / "benchmarks/results/overhead")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from atlas_flwr.launch import free_port, stop_family
+from atlas_tools.launch import free_port, stop_family
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

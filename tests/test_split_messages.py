@@ -12,7 +12,6 @@ from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.config import Config
 from atlas_flwr.identity import client_identity
 from atlas_flwr.local import initial_state, new_model
-from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state
 from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.records import to_numpy, to_torch
@@ -20,6 +19,7 @@ from atlas_flwr.split_client import batch_at, batch_plan, seed_state, split_step
 from atlas_flwr.split_server import SplitClient, round_updates, run_split_round, server_half, split_adapter
 from atlas_flwr.split_train import ClientSide
 from atlas_flwr.train import seed_for
+from atlas_tools.local_grid import LocalGrid
 from strategies.pipeline import ClientInfo
 
 

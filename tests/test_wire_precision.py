@@ -10,8 +10,8 @@ import pytest
 from atlas_flwr.client_app import app as client_app
 from atlas_flwr.codec import decode_update, encode_update, held_by_client
 from atlas_flwr.config import Config
-from atlas_flwr.local_grid import LocalGrid
 from atlas_flwr.server_app import run_federation
+from atlas_tools.local_grid import LocalGrid
 
 
 def test_an_int8_update_decodes_within_half_a_step_of_the_new_weights() -> None:

@@ -122,7 +122,7 @@ num=$("$bin_dir/python" - "$config" "$app" "$@" <<'PY'
 import sys
 from pathlib import Path
 
-from atlas_flwr.cli import resolve_run_config
+from atlas_tools.cli import resolve_run_config
 from atlas_flwr.config import Config
 
 values = resolve_run_config(Path(sys.argv[2]), Path(sys.argv[1]), sys.argv[3:])

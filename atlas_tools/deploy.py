@@ -40,10 +40,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from atlas_flwr.cli import resolve_run_config
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.launch import (
+from atlas_flwr.preflight import preflight
+from atlas_tools.cli import resolve_run_config
+from atlas_tools.launch import (
     LocalSuperLink,
     flower_tool,
     free_port,
@@ -52,7 +53,6 @@ from atlas_flwr.launch import (
     stream_flwr_run,
     toml_value,
 )
-from atlas_flwr.preflight import preflight
 
 CONNECTION = "atlas-deploy"  # the SuperLink connection's name in the per-run FLWR_HOME
 FEDERATION_FILE = "federation.json"

@@ -18,9 +18,9 @@ from typing import Any
 
 from atlas_flwr.config import DATA_DIR_ENV, EUROSAT_DATA_ENV, Config
 from atlas_flwr.errors import AtlasError
-from atlas_flwr.launch import LocalSuperLink, run_status, stream_flwr_run
 from atlas_flwr.preflight import preflight
 from atlas_flwr.results import default_run_name
+from atlas_tools.launch import LocalSuperLink, run_status, stream_flwr_run
 
 
 def app_defaults(app: Path) -> dict[str, Any]:
