@@ -78,3 +78,11 @@ def test_the_app_bundle_never_imports_the_tools() -> None:
     for path in [*ROOT.glob("atlas_flwr/**/*.py"), *ROOT.glob("strategies/*.py")]:
         tools = sorted(m for m in _imports(path) if m.startswith("atlas_tools"))
         assert not tools, f"{path.relative_to(ROOT)} imports {tools[0]}, which the FAB does not carry"
+
+
+def test_a_newcomer_finds_install_run_and_test_at_the_top_of_a_short_readme() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines: move detail into docs/"
+    heads = {line: i for i, line in enumerate(lines) if line.startswith("## ")}
+    assert heads["## Install"] < heads["## Run the default experiment (offline)"] < heads["## Test"]
+    assert lines.index("pytest -q") < 80, "the test command must appear before line 80"
