@@ -147,6 +147,25 @@ def _tasks_map_rule() -> _Rule:
     return _Rule(str, check, 'empty or task:rows pairs such as "cola:0,qnli:1024" (0: every row)')
 
 
+def _partitioner_map_rule() -> _Rule:
+    from atlas_flwr.data.glue import TASKS
+
+    def setting(value: str) -> bool:
+        kind, _, alpha = value.strip().partition("-")
+        if kind == "iid":
+            return not alpha
+        try:
+            return kind == "dirichlet" and float(alpha) > 0
+        except ValueError:
+            return False
+
+    def check(v: str) -> bool:
+        pairs = [item.split(":") for item in v.split(",")] if v else []
+        return all(len(p) == 2 and p[0].strip() in TASKS and setting(p[1]) for p in pairs)
+
+    return _Rule(str, check, 'empty or task:setting pairs such as "sst2:dirichlet-0.3,qnli:iid"')
+
+
 _RULES: dict[str, _Rule] = {
     "workload": _choice(*WORKLOADS),
     "strategy": _choice(*STRATEGIES),
@@ -155,6 +174,7 @@ _RULES: dict[str, _Rule] = {
     "clients-per-task": _clients_rule(),
     "partitioner": _choice(*PARTITIONERS),
     "dirichlet-alpha": _float_in(0.0, 1e6, open_low=True),
+    "partitioner-by-task": _partitioner_map_rule(),
     "max-samples-per-client": _int_at_least(0),
     "max-samples-by-task": _tasks_map_rule(),
     "max-eval-samples": _int_at_least(0),
@@ -254,6 +274,7 @@ class Config:
     clients_per_task: int | str
     partitioner: str
     dirichlet_alpha: float
+    partitioner_by_task: str
     max_samples_per_client: int
     max_samples_by_task: str
     max_eval_samples: int
@@ -383,6 +404,15 @@ class Config:
             if name.strip() == task:
                 return int(rows)
         return self.max_samples_per_client
+
+    def partitioner_for(self, task: str) -> tuple[str, float]:
+        """``task``'s partitioner and Dirichlet alpha: its ``partitioner-by-task`` entry, else the run's."""
+        for item in self.partitioner_by_task.split(",") if self.partitioner_by_task else ():
+            name, setting = item.split(":")
+            if name.strip() == task:
+                kind, _, alpha = setting.strip().partition("-")
+                return kind, float(alpha) if alpha else self.dirichlet_alpha
+        return self.partitioner, self.dirichlet_alpha
 
     @property
     def rank_caps(self) -> tuple[int, ...]:

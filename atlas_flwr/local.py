@@ -74,14 +74,15 @@ def client_data(cfg: Config, client_id: int) -> ClientData:
     data_dir = cfg.resolved_data_dir()
     # The centralized reference pools every client's rows of the task on the task's first client.
     indices = range(cfg.clients_for(task)) if cfg.pooled and index == 0 else [index]
+    partitioner, alpha = cfg.partitioner_for(task)
     parts = [
         client_partition(
             task,
             i,
             cfg.clients_for(task),
             data_dir=data_dir,
-            partitioner=cfg.partitioner,
-            alpha=cfg.dirichlet_alpha,
+            partitioner=partitioner,
+            alpha=alpha,
             seed=cfg.seed,
             max_samples=cfg.max_samples_for(task),
         )

@@ -150,3 +150,22 @@ def test_unequal_populations_partition_each_task_among_its_own_clients(run_confi
     assert client_data(cfg, 3).task == "mrpc"
     pooled = Config.from_run_config(values | {"strategy": "centralized"})
     assert len(client_data(pooled, 0).train) == 72 and len(client_data(pooled, 3).train) == 24
+
+
+def test_each_task_can_have_its_own_partitioner(run_config: dict) -> None:
+    from atlas_flwr.local import client_data
+
+    values = run_config | {"tasks": "sst2,mrpc", "clients-per-task": 3, "max-samples-per-client": 0}
+    values |= {"partitioner-by-task": "sst2:dirichlet-0.1"}  # mrpc keeps the run's iid
+    cfg = Config.from_run_config(values)
+    assert cfg.partitioner_for("sst2") == ("dirichlet", 0.1) and cfg.partitioner_for("mrpc") == ("iid", 0.5)
+
+    def label_shares(task: str, first: int) -> list[float]:
+        return [float(sum(client_data(cfg, first + i).train["labels"]) / len(client_data(cfg, first + i).train))
+                for i in range(3)]  # fmt: skip
+
+    skewed, even = label_shares("sst2", 0), label_shares("mrpc", 3)
+    assert max(skewed) - min(skewed) > 0.3 and max(even) - min(even) < 0.05
+    for bad in ("sst2:dirichlet", "sst2:dirichlet-0", "sst2:iid-2", "wnli:iid", "sst2:zipf"):
+        with pytest.raises(ConfigError, match="task:setting pairs"):
+            Config.from_run_config(values | {"partitioner-by-task": bad})
