@@ -26,6 +26,7 @@ STRATEGIES = (
     "flexlora",
     "atlas-no-laplacian",
     "atlas",
+    "atlas-split",
 )
 #: The phase switches; "preset" takes the value from ``strategy`` (see ``strategies.pipeline.PRESETS``).
 CLUSTERINGS = ("preset", "none", "learned", "oracle")
@@ -363,6 +364,8 @@ class Config:
                 f"a count for every task of tasks = {','.join(values['tasks'])} and no other "
                 f"({'missing ' + missing[0] if missing else 'not a task: ' + extra[0]}; a bare number covers the rest)",
             )
+        if values["strategy"] == "atlas-split" and values["split"] == "none":
+            values["split"] = "auto"  # all four phases: split learning is this preset's fourth
         return cls(**values)
 
     @property

@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from atlas_flwr.common.state import State
+from atlas_flwr.common.state import State, module_ranks
 from atlas_flwr.config import Config
 from atlas_flwr.errors import AtlasError
 from atlas_flwr.fingerprint import layer_of
@@ -222,11 +222,24 @@ def server_half(
     return ServerSide(SplitClassifier(model, family, cut), lr=lr, head_lr=head_lr, weight_decay=weight_decay)
 
 
+def _layer_ranks(adapter: State, num_layers: int) -> list[int]:
+    """Each layer's largest module rank in ``adapter`` (0: not adapted)."""
+    ranks = [0] * num_layers
+    for module, rank in module_ranks(adapter).items():
+        ranks[layer_of(module)] = max(ranks[layer_of(module)], rank)
+    return ranks
+
+
 def plan_split(
-    cfg: Config, clients: Sequence[ClientInfo], states: Mapping[int, tuple[State, State]]
+    cfg: Config,
+    clients: Sequence[ClientInfo],
+    states: Mapping[int, tuple[State, State]],
+    cuts: Mapping[int, int] | None = None,
 ) -> tuple[list[SplitClient], list[dict]]:
     """Choose each client's cut (``split = auto``: the deepest that fits its memory; or the given block) and
-    build its server half; return them with one row per client for the run's ``split`` table."""
+    build its server half; return them with one row per client for the run's ``split`` table.
+
+    A client in ``cuts`` keeps the cut its rank plan chose (budget ranks), priced at its own ranks."""
     from atlas_flwr.local import loaded_model
     from atlas_flwr.models.registry import resolve_model
     from atlas_flwr.shapes import model_shape, train_shape
@@ -240,7 +253,11 @@ def plan_split(
     for client in clients:
         calibration = Calibration.for_device(SPLIT_DEVICE)
         try:
-            if cfg.split == "auto":
+            if cuts and client.client_id in cuts:
+                cut = cuts[client.client_id]
+                held = _layer_ranks(states[client.client_id][0], shape.num_layers)
+                parts = split_client_peak_bytes(shape, step, held, cut, calibration=calibration)
+            elif cfg.split == "auto":
                 cut, parts = choose_split(shape, step, client.memory_bytes, ranks, calibration=calibration)
             else:
                 cut = int(cfg.split)

@@ -106,6 +106,8 @@ PRESETS: dict[str, Switches] = {
     "flexlora": Switches("none", "uniform", "svd-dense", False),
     "atlas-no-laplacian": Switches("learned", "budget", "exact", False),
     "atlas": Switches("learned", "budget", "exact", True),
+    # atlas with the model cut between client and server (its config sets split = auto unless told a block).
+    "atlas-split": Switches("learned", "budget", "exact", True),
 }
 
 

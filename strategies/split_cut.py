@@ -5,6 +5,7 @@ Pure Python on plain numbers, priced by the memory model (``memory.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from atlas_flwr.common.devices import format_size, parse_size
@@ -72,3 +73,62 @@ def choose_split(
             return cut, parts
     need = split_client_peak_bytes(model, train, ranks_per_layer, 1, optimizer, calibration)["total"]
     raise ValueError(f"budget {format_size(budget)} is below the {format_size(need)} a client needs with one block")
+
+
+def plan_split_ranks(
+    model: ModelShape,
+    train: TrainShape,
+    budget_bytes: int,
+    importance: Sequence[float],
+    max_rank: int,
+    cut: int | None = None,
+    calibration: Calibration | None = None,
+    optimizer: str = "adamw",
+) -> tuple[int, list[int], dict[str, int]]:
+    """Split learning with budget ranks: the client trains what its budget allows below the cut, the server the rest.
+
+    The client's budget prices only its half (:func:`split_client_peak_bytes`): the blocks below the
+    cut get the ranks :func:`~strategies.ranks.allocate_ranks` chooses under it, by importance; the
+    blocks from the cut up run on the server, at ``max_rank``. ``cut = None`` (``split = auto``) takes
+    the deepest cut at which the budget still adapts every block the client holds that has positive
+    importance, so that the client keeps as much of the model as it can train.
+
+    Returns
+    -------
+    tuple
+        The cut, one rank per layer of the whole model, and the client half's predicted breakdown.
+        Raises ValueError (one line) when no cut lets the budget adapt the client's blocks.
+    """
+    from strategies.ranks import allocate_ranks
+
+    if len(importance) != model.num_layers:
+        raise ValueError(f"importance has {len(importance)} entries: expected one per layer ({model.num_layers})")
+    cuts = range(model.num_layers - 1, 0, -1) if cut is None else [cut]
+    sent = train.batch * train.seq_len * model.hidden * train.dtype_bytes
+    budget = int(budget_bytes)
+    for c in cuts:
+        if not isinstance(c, int) or not 1 <= c <= model.num_layers - 1:
+            raise ValueError(
+                f"split point {c!r} is invalid for a {model.num_layers}-layer model: expected 1..{model.num_layers - 1}"
+            )
+        bottom = replace(model, num_layers=c, pooler=False)
+        try:
+            allocation = allocate_ranks(
+                bottom,
+                train,
+                budget - sent,
+                importance[:c],
+                max_rank=max_rank,
+                calibration=calibration,
+                optimizer=optimizer,
+            )
+        except ValueError:
+            continue  # the frozen bottom alone does not fit: a shallower cut may
+        if all(r > 0 for r, w in zip(allocation.ranks, importance[:c], strict=True) if w > 0):
+            ranks = list(allocation.ranks) + [max_rank] * (model.num_layers - c)
+            parts = dict(allocation.predicted)
+            parts["sent_activations"] = sent
+            parts["total"] += sent
+            return c, ranks, parts
+    where = "any cut" if cut is None else f"cut {cut}"
+    raise ValueError(f"budget {format_size(budget)} cannot adapt the client's blocks at {where}: raise its memory")

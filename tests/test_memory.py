@@ -416,3 +416,22 @@ def test_split_client_is_the_truncated_model_plus_sent_activations(minilm: Model
         choose_split(model, train, totals[0] - 1, ranks)
     with pytest.raises(ValueError, match="split point 6 is invalid for a 6-layer model"):
         split_client_peak_bytes(model, train, ranks, 6)
+
+
+def test_plan_split_ranks_keeps_the_deepest_cut_that_still_adapts_every_client_block(minilm: ModelShape) -> None:
+    from strategies.split_cut import plan_split_ranks, split_client_peak_bytes
+
+    train, weights = TrainShape(batch=16, seq_len=128), [1.0] * minilm.num_layers
+    peak = {c: split_client_peak_bytes(minilm, train, [8] * minilm.num_layers, c)["total"] for c in (2, 3)}
+    cut, ranks, parts = plan_split_ranks(minilm, train, peak[3], weights, max_rank=8)
+    assert cut == 3 and ranks == [8] * minilm.num_layers  # the server's half (blocks 3-5) at the cap
+    assert parts["total"] <= peak[3]
+    assert parts["total"] == split_client_peak_bytes(minilm, train, ranks, cut)["total"]
+    # Between the cut-2 and cut-3 peaks at rank 8: block 2's activations outweigh any rank saving, so cut 2.
+    tight = (peak[2] + peak[3]) // 2
+    cut, ranks, parts = plan_split_ranks(minilm, train, tight, weights, max_rank=8)
+    assert cut == 2 and parts["total"] <= tight and ranks == [8] * minilm.num_layers
+    fixed, fixed_ranks, _ = plan_split_ranks(minilm, train, tight, weights, max_rank=8, cut=2)
+    assert fixed == 2 and fixed_ranks[:2] == [8, 8]
+    with pytest.raises(ValueError, match="cannot adapt the client's blocks at any cut"):
+        plan_split_ranks(minilm, train, 1_000_000, weights, max_rank=8)

@@ -109,9 +109,9 @@ def test_every_preset_gives_the_results_it_gave_before_the_move(
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(observed, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
-    assert sorted(golden) == sorted(PRESETS)
-    for name in PRESETS:
+    for name in golden:
         assert observed[name] == golden[name], f"preset {name} changed its results"
+    assert sorted(golden) == sorted(PRESETS), "a preset without golden results: write them (see the docstring)"
     # The presets are distinct code paths: no two give the same client states.
     states = {name: tuple(o["states"]) for name, o in observed.items()}
     assert len(set(states.values())) == len(states)

@@ -199,3 +199,56 @@ def test_split_rounds_compute_what_federated_rounds_compute(cfg_values: dict) ->
         for key in head:
             np.testing.assert_allclose(split_head[key], head[key], rtol=1e-4, atol=1e-6)
     assert any(np.abs(a[k]).sum() > 0 for a, _ in states["1"] for k in a if "lora_B" in k)
+
+
+def test_four_phases_split_rounds_compute_what_federated_rounds_compute(cfg_values: dict) -> None:
+    """atlas (learned groups, budget ranks, exact aggregation, the Laplacian) with the model cut at block 1
+    gives the states the same run gives without the cut, at ranks 2 and 4 inside the same modules."""
+    from atlas_flwr.client_app import app as client_app
+    from atlas_flwr.server_app import run_federation
+
+    values = {**cfg_values, "strategy": "atlas", "tasks": "sst2,mrpc", "num-server-rounds": 2, "device": "cpu"}
+    values |= {"max-eval-samples": 8, "fingerprint-rows": 16, "rank-tiers": "2,4", "lora-rank": 4}
+    values |= {"device-tiers": "1GB", "device-scale": 1.0}
+    states = {}
+    for split in ("none", "1"):
+        run = {**values, "split": split, "run-name": f"split-{split}"}
+        cfg = Config.from_run_config(run)
+        outcome = run_federation(LocalGrid(client_app, run, cfg.num_clients), cfg)
+        states[split] = [outcome.strategy.state_for(i) for i in range(cfg.num_clients)]
+        assert outcome.strategy.eta > 0 and outcome.strategy.switches.ranks == "budget"
+    assert [set(module_ranks(a).values()) for a, _ in states["1"]] == [{2}, {4}, {2}, {4}]
+    for (adapter, head), (split_adapter_, split_head) in zip(states["none"], states["1"], strict=True):
+        assert set(adapter) == set(split_adapter_)
+        for key in adapter:
+            np.testing.assert_allclose(split_adapter_[key], adapter[key], rtol=1e-4, atol=1e-6)
+        for key in head:
+            np.testing.assert_allclose(split_head[key], head[key], rtol=1e-4, atol=1e-6)
+
+
+def test_split_with_budget_ranks_trains_below_the_cut_what_the_budget_allows(cfg_values: dict) -> None:
+    import json
+
+    from atlas_flwr.client_app import app as client_app
+    from atlas_flwr.server_app import run_federation
+    from atlas_flwr.shapes import model_shape, train_shape
+    from strategies.memory import Calibration
+    from strategies.split_cut import split_client_peak_bytes
+
+    values = {**cfg_values, "strategy": "atlas", "split": "auto", "num-server-rounds": 1, "max-eval-samples": 8}
+    values |= {"fingerprint-rows": 16, "lora-rank": 8, "device-scale": 1.0}
+    cfg = Config.from_run_config(values)
+    shape, step, cal = model_shape(cfg), train_shape(cfg), Calibration.for_device("cpu")
+    at = {r: split_client_peak_bytes(shape, step, [r, 8], 1, calibration=cal)["total"] for r in (2, 4, 8)}
+    values["device-tiers"] = f"{(at[2] + at[4]) // 2}B,{2 * at[8]}B"  # client 0: rank 2 below the cut; client 1: 8
+    cfg = Config.from_run_config(values)
+    outcome = run_federation(LocalGrid(client_app, values, cfg.num_clients), cfg)
+    rows = json.loads((outcome.run_dir / "ranks.json").read_text())
+    assert [r["ranks-per-layer"] for r in rows] == ["2 8", "8 8"] and [r["cut"] for r in rows] == [1, 1]
+    assert all(r["predicted-peak-bytes"] <= r["memory-budget-bytes"] for r in rows)
+    split = json.loads((outcome.run_dir / "split.json").read_text())
+    assert [s["client-predicted-bytes"] for s in split] == [r["predicted-peak-bytes"] for r in rows]
+    small, large = (outcome.strategy.state_for(i)[0] for i in (0, 1))
+    assert {r for m, r in module_ranks(small).items() if ".layer.0." in m} == {2}
+    assert {r for m, r in module_ranks(large).items() if ".layer.0." in m} == {8}
+    assert {r for m, r in module_ranks(small).items() if ".layer.1." in m} == {8}  # the server's half

@@ -22,6 +22,7 @@ from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes
 from strategies.pipeline import ClientInfo, Member, Switches, fingerprint_graph, plan_groups, plan_ranks
 from strategies.ranks import allocate_ranks
+from strategies.split_cut import plan_split_ranks
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,17 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
             if plan_kind == "shrink":  # the budget allocator without fingerprints: every layer weighs the same
                 importance = [1.0] * shape.num_layers
         if importance is not None or plan_kind == "common":
-            frozen_rank = cap if cfg.frozen_layers == "use" and plan_kind != "common" else 0
+            # A split client holds no frozen modules: what its budget cannot train below the cut stays unadapted.
+            split_budget = plan_kind == "budget" and cfg.split != "none"
+            frozen_rank = cap if cfg.frozen_layers == "use" and plan_kind != "common" and not split_budget else 0
             try:
-                if plan_kind == "common":
+                if split_budget:
+                    cut, ranks, parts = plan_split_ranks(
+                        shape, step, client.memory_bytes, importance, cap, _fixed_cut(cfg), calibration
+                    )
+                    pattern = {m: r for layer, r in zip(layers, ranks, strict=True) if r for m in layer}
+                    predicted, binding, row["cut"] = parts["total"], None, cut
+                elif plan_kind == "common":
                     ranks = list(common)
                     pattern = {m: r for layer, r in zip(layers, ranks, strict=True) if r for m in layer}
                     predicted, binding = predict_peak_bytes(shape, step, ranks, calibration=calibration)["total"], None
@@ -133,6 +142,11 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
         rank_rows.append(row)
     members = [Member(c.client_id, c.task, g) for c, g in zip(clients, groups, strict=True)]
     return Plan(members, initial, adjacency, clusters, rank_rows, frozen, dropped)
+
+
+def _fixed_cut(cfg: Config) -> int | None:
+    """The cut ``split`` names, or None for ``auto`` (the plan chooses it)."""
+    return None if cfg.split == "auto" else int(cfg.split)
 
 
 def _trains_on(cfg: Config, client: ClientInfo) -> str:

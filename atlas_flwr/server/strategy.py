@@ -285,15 +285,16 @@ class AtlasStrategy(Strategy):
                 row["ranks-per-layer"], row["predicted-peak-bytes"] / 1e6, row["memory-budget-bytes"] / 1e6)  # fmt: skip
 
     def _plan_split(self) -> list[SplitClient]:
-        if self.switches.ranks != "uniform":
+        if self.switches.ranks not in ("uniform", "budget"):
             raise AtlasError(
-                f"split learning sets the cut from the memory budget: use ranks = uniform with split "
-                f"(strategy {self.cfg.strategy} plans ranks = {self.switches.ranks})"
+                f"split learning plans uniform or budget ranks: strategy {self.cfg.strategy} plans "
+                f"ranks = {self.switches.ranks}; use ranks = uniform or budget with split"
             )
         pipeline = self._pipeline()
-        split, choices = plan_split(
-            self.cfg, self.clients, {c.client_id: pipeline.state_for(c.client_id) for c in self.clients}
-        )
+        # Under budget ranks the plan chose each cut with the ranks below it; else plan_split chooses it.
+        cuts = {int(r["client-id"]): int(r["cut"]) for r in self._plan.ranks if "cut" in r}
+        states = {c.client_id: pipeline.state_for(c.client_id) for c in self.clients}
+        split, choices = plan_split(self.cfg, self.clients, states, cuts)
         self._writer.write_table("split", choices)
         for row in choices:
             log(INFO, "client %d: split at block %d, predicted client peak %.0f MB of %.0f MB", row["client-id"],
