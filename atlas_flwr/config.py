@@ -135,17 +135,19 @@ def _clients_rule() -> _Rule:
     return _Rule(object, check, 'an integer >= 1, or per task such as "sst2:3,qnli:2,rte:1" (a bare number: the rest)')
 
 
-def _tasks_map_rule() -> _Rule:
+def _tasks_map_rule(
+    minimum: int = 0, allowed: str = 'task:rows pairs such as "cola:0,qnli:1024" (0: every row)'
+) -> _Rule:
     from atlas_flwr.data.glue import TASKS
 
     def check(v: str) -> bool:
         try:
             pairs = [item.split(":") for item in v.split(",")] if v else []
-            return all(len(p) == 2 and p[0].strip() in TASKS and int(p[1]) >= 0 for p in pairs)
+            return all(len(p) == 2 and p[0].strip() in TASKS and int(p[1]) >= minimum for p in pairs)
         except ValueError:
             return False
 
-    return _Rule(str, check, 'empty or task:rows pairs such as "cola:0,qnli:1024" (0: every row)')
+    return _Rule(str, check, f"empty or {allowed}")
 
 
 def _partitioner_map_rule() -> _Rule:
@@ -165,6 +167,15 @@ def _partitioner_map_rule() -> _Rule:
         return all(len(p) == 2 and p[0].strip() in TASKS and setting(p[1]) for p in pairs)
 
     return _Rule(str, check, 'empty or task:setting pairs such as "sst2:dirichlet-0.3,qnli:iid"')
+
+
+def _task_entry(pairs: str, task: str, default: int) -> int:
+    """``task``'s integer in a checked "task:n,task:n" string, else ``default``."""
+    for item in pairs.split(",") if pairs else ():
+        name, value = item.split(":")
+        if name.strip() == task:
+            return int(value)
+    return default
 
 
 _RULES: dict[str, _Rule] = {
@@ -188,6 +199,7 @@ _RULES: dict[str, _Rule] = {
     "lora-alpha": _float_in(0.0, 1e6, open_low=True),
     "lora-dropout": _float_in(0.0, 0.9),
     "local-epochs": _int_at_least(1),
+    "local-epochs-by-task": _tasks_map_rule(1, 'task:epochs pairs such as "qnli:2" (epochs >= 1)'),
     "batch-size": _int_at_least(1),
     "group-by-length": _Rule(bool, allowed="true or false"),
     "eval-batch-size": _int_at_least(1),
@@ -288,6 +300,7 @@ class Config:
     lora_alpha: float
     lora_dropout: float
     local_epochs: int
+    local_epochs_by_task: str
     batch_size: int
     group_by_length: bool
     eval_batch_size: int
@@ -402,11 +415,11 @@ class Config:
 
     def max_samples_for(self, task: str) -> int:
         """A client's row cap for ``task``: its ``max-samples-by-task`` entry, else ``max-samples-per-client``."""
-        for item in self.max_samples_by_task.split(",") if self.max_samples_by_task else ():
-            name, rows = item.split(":")
-            if name.strip() == task:
-                return int(rows)
-        return self.max_samples_per_client
+        return _task_entry(self.max_samples_by_task, task, self.max_samples_per_client)
+
+    def epochs_for(self, task: str) -> int:
+        """Local epochs per round for ``task``: its ``local-epochs-by-task`` entry, else ``local-epochs``."""
+        return _task_entry(self.local_epochs_by_task, task, self.local_epochs)
 
     def partitioner_for(self, task: str) -> tuple[str, float]:
         """``task``'s partitioner and Dirichlet alpha: its ``partitioner-by-task`` entry, else the run's."""

@@ -172,7 +172,7 @@ def run_train(
     result = train_local(
         model,
         loader,
-        epochs=cfg.local_epochs,
+        epochs=cfg.epochs_for(data.task),
         lr=cfg.lr * scale,
         head_lr=cfg.head_lr * scale,
         weight_decay=cfg.weight_decay,

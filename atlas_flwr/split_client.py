@@ -56,14 +56,15 @@ def batch_plan(cfg: Config, client_id: int, server_round: int) -> tuple[tuple[in
     """The row indices of every step of a round: the batches a federated client of this round trains on."""
     from atlas_flwr.data.tokenize import index_loader
 
+    data = client_data(cfg, client_id)
     loader = index_loader(
-        client_data(cfg, client_id).train,
+        data.train,
         cfg.batch_size,
         shuffle=True,
         seed=seed_for(cfg.seed, client_id, server_round),
         group_by_length=cfg.group_by_length,
     )
-    return tuple(tuple(int(i) for i in batch) for _ in range(cfg.local_epochs) for batch in loader)
+    return tuple(tuple(int(i) for i in batch) for _ in range(cfg.epochs_for(data.task)) for batch in loader)
 
 
 def batch_at(cfg: Config, client_id: int, server_round: int, step: int) -> dict[str, torch.Tensor]:

@@ -39,6 +39,9 @@ declare -A extra=(
   # The Laplacian lever: the graph's bandwidth from the pairs inside a group (commit after d592403).
   [atlas+graph-cluster]="laplacian-graph=\"cluster\""
   [atlas+eta-0.1]="laplacian-eta=0.1"
+  # The QNLI lever: two local epochs for QNLI's clients, and for its centralized reference alike.
+  [atlas-no-laplacian+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
+  [centralized+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
   fedavg-cluster+split-auto fedavg+fp16 fedavg+int8)

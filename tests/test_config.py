@@ -169,3 +169,19 @@ def test_each_task_can_have_its_own_partitioner(run_config: dict) -> None:
     for bad in ("sst2:dirichlet", "sst2:dirichlet-0", "sst2:iid-2", "wnli:iid", "sst2:zipf"):
         with pytest.raises(ConfigError, match="task:setting pairs"):
             Config.from_run_config(values | {"partitioner-by-task": bad})
+
+
+def test_each_task_can_have_its_own_local_epochs(run_config: dict, tiny_models: dict) -> None:
+    from atlas_flwr.local import initial_state, run_train
+    from atlas_flwr.records import to_numpy
+    from atlas_flwr.split_client import batch_plan
+
+    values = run_config | {"tasks": "sst2,mrpc", "clients-per-task": 1, "max-samples-per-client": 16}
+    values |= {"model": tiny_models["bert"], "batch-size": 8, "max-length": 32, "local-epochs-by-task": "mrpc:3"}
+    cfg = Config.from_run_config(values)
+    assert (cfg.epochs_for("sst2"), cfg.epochs_for("mrpc")) == (1, 3)
+    assert [len(batch_plan(cfg, i, 1)) for i in (0, 1)] == [2, 6]  # split learning steps through the same plan
+    adapter, head = (to_numpy(s) for s in initial_state(cfg))
+    assert [run_train(cfg, i, 1, adapter, head)[2].steps for i in (0, 1)] == [2, 6]
+    with pytest.raises(ConfigError, match="task:epochs pairs"):
+        Config.from_run_config(values | {"local-epochs-by-task": "mrpc:0"})
