@@ -10,17 +10,17 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from atlas_flwr.client.device import device_profile, injected_failure
+from atlas_flwr.client.identity import client_identity
+from atlas_flwr.client.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
 from atlas_flwr.client.mods import one_line_errors
-from atlas_flwr.codec import encode_update, from_wire_record
-from atlas_flwr.dp import privatize_states
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.client.split_client import split_step
+from atlas_flwr.client.train import pick_device, seed_for
+from atlas_flwr.common.codec import encode_update, from_wire_record
+from atlas_flwr.common.dp import privatize_states
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.quiet import quiet_libraries
+from atlas_flwr.common.records import to_numpy, without_modules
 from atlas_flwr.eurosat.client import eurosat_train
-from atlas_flwr.identity import client_identity
-from atlas_flwr.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
-from atlas_flwr.quiet import quiet_libraries
-from atlas_flwr.records import to_numpy, without_modules
-from atlas_flwr.split_client import split_step
-from atlas_flwr.train import pick_device, seed_for
 
 quiet_libraries()
 

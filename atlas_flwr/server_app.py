@@ -10,10 +10,10 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.quiet import quiet_libraries
 from atlas_flwr.eurosat.server import run_eurosat
-from atlas_flwr.quiet import quiet_libraries
 from atlas_flwr.server import AtlasStrategy
 from strategies.pipeline import PersonalizedPipeline
 

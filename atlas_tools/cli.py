@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from atlas_flwr.config import DATA_DIR_ENV, EUROSAT_DATA_ENV, Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.preflight import preflight
-from atlas_flwr.results import default_run_name
+from atlas_flwr.common.config import DATA_DIR_ENV, EUROSAT_DATA_ENV, Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.results import default_run_name
+from atlas_flwr.server.preflight import preflight
 from atlas_tools.launch import LocalSuperLink, run_status, stream_flwr_run
 
 

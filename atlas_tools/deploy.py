@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.preflight import preflight
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.server.preflight import preflight
 from atlas_tools.cli import resolve_run_config
 from atlas_tools.launch import (
     LocalSuperLink,

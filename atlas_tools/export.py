@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.errors import AtlasError
 
 INFO_FILE = "atlas.json"
 HEAD_FILE = "head.safetensors"
@@ -33,9 +33,9 @@ def export_run(run_dir: Path, out: Path | None = None, clients: Sequence[int] | 
     """Write one PEFT folder per client (``client-<id>``) from the run's last checkpoint; return them."""
     from safetensors.numpy import save_file
 
-    from atlas_flwr.checkpoint import load_checkpoint
-    from atlas_flwr.config import Config
-    from atlas_flwr.local import loaded_model
+    from atlas_flwr.client.local import loaded_model
+    from atlas_flwr.common.checkpoint import load_checkpoint
+    from atlas_flwr.common.config import Config
     from atlas_flwr.models.registry import resolve_model
 
     ckpt = load_checkpoint(run_dir)

@@ -27,7 +27,7 @@ from typing import Any, Self
 import httpx
 import psutil
 
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.errors import AtlasError
 
 PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
 

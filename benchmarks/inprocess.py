@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from atlas_flwr.client.train import pick_device
 from atlas_flwr.client_app import app as client_app
-from atlas_flwr.config import Config
+from atlas_flwr.common.config import Config
 from atlas_flwr.eurosat.server import run_eurosat
-from atlas_flwr.preflight import preflight
+from atlas_flwr.server.preflight import preflight
 from atlas_flwr.server_app import run_federation
-from atlas_flwr.train import pick_device
 from atlas_tools.cli import resolve_run_config
 from atlas_tools.local_grid import LocalGrid
 

@@ -2,7 +2,7 @@
 
 For each configuration (model family, batch, sequence length, per-layer ranks) a FRESH Python process builds
 the project's real classifier (``atlas_flwr.models.classifier.build_classifier``), runs a few steps of the
-project's real training loop (``atlas_flwr.train.train_local``: AdamW, forward, backward, ``optimizer.step``)
+project's real training loop (``atlas_flwr.client.train.train_local``: AdamW, forward, backward, ``optimizer.step``)
 on the CPU (or, with ``--device cuda``, on the GPU), and reports its peak memory; the parent compares it with the prediction.
 
     python benchmarks/memory_calibration.py --out benchmarks/results/memory
@@ -172,7 +172,7 @@ def _proc_kib(key: str) -> int:
 
 
 def _autocast(torch, device):
-    """The training loop's autocast: fp16 on CUDA, none on the CPU (``atlas_flwr.train``)."""
+    """The training loop's autocast: fp16 on CUDA, none on the CPU (``atlas_flwr.client.train``)."""
     import contextlib
 
     return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
@@ -215,10 +215,10 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from atlas_flwr.client.train import train_local
+    from atlas_flwr.common.quiet import quiet_libraries
     from atlas_flwr.models import classifier
     from atlas_flwr.models.registry import resolve_model
-    from atlas_flwr.quiet import quiet_libraries
-    from atlas_flwr.train import train_local
 
     quiet_libraries()
     device = torch.device(spec.get("device", "cpu"))

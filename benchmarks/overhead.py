@@ -4,8 +4,8 @@
     python benchmarks/overhead.py --threads 1 --out benchmarks/results/overhead/threads-1
 
 Both sides run the same FedAvg rounds of the same clients with the same functions: every client trains
-with ``atlas_flwr.local.run_train`` (PEFT LoRA on MiniLM-L6, seeded per client and round), the server
-aggregates with ``strategies.pipeline.PersonalizedPipeline`` and evaluates with ``atlas_flwr.local.run_evaluate``
+with ``atlas_flwr.client.local.run_train`` (PEFT LoRA on MiniLM-L6, seeded per client and round), the server
+aggregates with ``strategies.pipeline.PersonalizedPipeline`` and evaluates with ``atlas_flwr.client.local.run_evaluate``
 once per group of identical models. The plain loop calls them directly, one client after the other, in one
 process, with ``--threads`` torch threads; ``flwr run`` (``atlas-run``) moves every adapter and head through
 Flower messages, with one ClientApp at a time (Ray is given exactly ``--threads`` CPUs, one client's worth)
@@ -42,10 +42,10 @@ SETTING = {
 
 def plain_loop(values: dict) -> dict:
     """The rounds without Flower: train, aggregate, evaluate, timed per phase."""
+    from atlas_flwr.client.local import client_data, initial_state, run_evaluate, run_train
+    from atlas_flwr.common.config import Config
+    from atlas_flwr.common.records import to_numpy
     from atlas_flwr.common.state import state_digest
-    from atlas_flwr.config import Config
-    from atlas_flwr.local import client_data, initial_state, run_evaluate, run_train
-    from atlas_flwr.records import to_numpy
     from strategies.pipeline import (
         PRESETS,
         Member,

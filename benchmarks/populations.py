@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from atlas_flwr.fingerprint import FingerprintSettings
-from atlas_flwr.local import fingerprint_features, privatize_features
-from atlas_flwr.quiet import quiet_libraries
+from atlas_flwr.client.fingerprint import FingerprintSettings
+from atlas_flwr.client.local import fingerprint_features, privatize_features
+from atlas_flwr.common.quiet import quiet_libraries
 from strategies.clustering import adjusted_rand, cluster_fingerprints
 
 ROOT = Path(__file__).resolve().parents[1]

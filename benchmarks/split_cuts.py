@@ -8,12 +8,12 @@ Setting: batch 16, every batch padded to 128 tokens (``padding = "max-length"``)
 AdamW; the issue's reference point is cut 2.
 
 1. **Client memory**, measured: for each cut 1..5 a fresh process builds the real client of
-   ``atlas_flwr.split_client`` (the classifier, ``SplitClassifier``, ``drop_top``, ``ClientSide``), runs
+   ``atlas_flwr.client.split_client`` (the classifier, ``SplitClassifier``, ``drop_top``, ``ClientSide``), runs
    ``--steps`` steps (bottom forward, backward of a gradient of the activations' shape, AdamW), and reports its
    peak resident memory above the baseline (``VmHWM`` after ``clear_refs``, with the runtime warmed up and the
    process-wide frozen backbone cached first, and glibc malloc pinned; the method of
    ``benchmarks/memory_calibration.py``). ``none`` is a no-split client training the whole model the same way
-   (``atlas_flwr.train.train_local``). Each is compared with the memory model's prediction
+   (``atlas_flwr.client.train.train_local``). Each is compared with the memory model's prediction
    (``split_client_peak_bytes`` / ``predict_peak_bytes``).
 2. **Messages**, under ``flwr run`` (``atlas-run``, simulation engine): one SST-2 client, 160 rows (10 steps), 2
    rounds, for each cut and once without split (federated LoRA). From round 2 (warm workers) of
@@ -51,12 +51,12 @@ def child(cut: int, steps: int) -> dict:
     torch.set_num_threads(1)
     from memory_calibration import _proc_kib, _warm_up_runtime
 
+    from atlas_flwr.client.train import train_local
+    from atlas_flwr.common.quiet import quiet_libraries
+    from atlas_flwr.common.split_train import ClientSide
     from atlas_flwr.models import classifier
     from atlas_flwr.models.registry import resolve_model
     from atlas_flwr.models.split import SplitClassifier
-    from atlas_flwr.quiet import quiet_libraries
-    from atlas_flwr.split_train import ClientSide
-    from atlas_flwr.train import train_local
 
     quiet_libraries()
     _warm_up_runtime(torch)

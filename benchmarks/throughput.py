@@ -86,9 +86,9 @@ def textbook_samples_per_second(task: str, rows, seed: int) -> float:
 
 def ours_samples_per_second(task: str, data_dir: str, seed: int) -> float:
     """One epoch of the ClientApp's ``run_train`` for client 0 of a 2-client task (after a warm-up call)."""
-    from atlas_flwr.config import Config
-    from atlas_flwr.local import initial_state, run_train
-    from atlas_flwr.records import to_numpy
+    from atlas_flwr.client.local import initial_state, run_train
+    from atlas_flwr.common.config import Config
+    from atlas_flwr.common.records import to_numpy
     from atlas_tools.cli import resolve_run_config
 
     overrides = [

@@ -4,7 +4,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from atlas_flwr.config import Config
+from atlas_flwr.common.config import Config
 from atlas_flwr.server import AtlasStrategy
 
 app = ServerApp()

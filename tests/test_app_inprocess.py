@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
+from atlas_flwr.client.local import initial_state
 from atlas_flwr.client_app import app as client_app
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import to_numpy, to_record
 from atlas_flwr.common.state import module_ranks, state_digest
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.local import initial_state
-from atlas_flwr.records import to_numpy, to_record
 from atlas_flwr.server_app import run_federation
 from atlas_tools.local_grid import LocalGrid
 
@@ -97,7 +97,7 @@ def test_local_only_gives_each_client_its_own_adapter(tiny_run_config: dict) -> 
 
 
 def test_centralized_trains_one_model_per_task_on_the_union_of_its_rows(tiny_run_config: dict) -> None:
-    from atlas_flwr.local import client_data
+    from atlas_flwr.client.local import client_data
 
     cfg, grid, outcome = _run({**tiny_run_config, "strategy": "centralized"})
     # Only the first client of each task trains, and its task's other client takes its model.
@@ -201,8 +201,8 @@ def _binding_tiers(cfg: Config) -> str:
     """Two device tiers for the tiny model: one that holds only the top layer's adapter, one that holds all.
 
     Priced with the calibration the server plans with: that of the device the clients train on."""
-    from atlas_flwr.shapes import model_shape, train_shape
-    from atlas_flwr.train import pick_device
+    from atlas_flwr.client.train import pick_device
+    from atlas_flwr.server.shapes import model_shape, train_shape
     from strategies.memory import Calibration, predict_peak_bytes
 
     shape, step = model_shape(cfg), train_shape(cfg)
@@ -296,7 +296,7 @@ def test_a_budget_bound_client_uses_its_groups_layers_frozen_or_drops_them(
 
 
 def test_run_train_freezes_the_frozen_modules_and_returns_only_the_trained_ones(tiny_run_config: dict) -> None:
-    from atlas_flwr.local import run_train
+    from atlas_flwr.client.local import run_train
 
     cfg = Config.from_run_config(tiny_run_config)
     adapter, head = (to_numpy(s) for s in initial_state(cfg))

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from atlas_flwr.client.train import tail_penalty
+from atlas_flwr.common.config import Config
 from atlas_flwr.common.devices import profile_for
+from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.common.state import module_ranks, state_digest
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
 from atlas_flwr.server.plan import plan_federation
-from atlas_flwr.shapes import model_shape, train_shape
-from atlas_flwr.train import tail_penalty
+from atlas_flwr.server.shapes import model_shape, train_shape
 from strategies.aggregation import energy_by_slice, lora_scaling
 from strategies.memory import predict_peak_bytes
 from strategies.pipeline import (

@@ -94,7 +94,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, args: list, needle: str, 
 
 
 def test_flower_tool_prefers_the_interpreters_own_then_path_then_names_what_is_missing(tmp_path, monkeypatch) -> None:
-    from atlas_flwr.errors import AtlasError
+    from atlas_flwr.common.errors import AtlasError
     from atlas_tools.launch import flower_tool
 
     venv_bin, on_path = tmp_path / "venv" / "bin", tmp_path / "target" / "bin"

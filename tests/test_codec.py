@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlas_flwr.codec import decode, dequantize_int8, encode, from_wire_record, quantize_int8, to_wire_record
+from atlas_flwr.common.codec import decode, dequantize_int8, encode, from_wire_record, quantize_int8, to_wire_record
 from atlas_flwr.eurosat.model import build_model, exchanged_state
 
 

@@ -6,8 +6,8 @@ import tomllib
 
 import pytest
 
-from atlas_flwr.config import Config, config_keys
-from atlas_flwr.errors import ConfigError
+from atlas_flwr.common.config import Config, config_keys
+from atlas_flwr.common.errors import ConfigError
 from tests.conftest import ROOT
 
 
@@ -140,7 +140,7 @@ def test_bad_clients_per_task_is_one_line(run_config: dict, value, needle: str) 
 
 
 def test_unequal_populations_partition_each_task_among_its_own_clients(run_config: dict) -> None:
-    from atlas_flwr.local import client_data
+    from atlas_flwr.client.local import client_data
 
     values = run_config | {"tasks": "sst2,mrpc", "clients-per-task": "sst2:3,mrpc:1", "max-samples-per-client": 24}
     cfg = Config.from_run_config(values)
@@ -153,7 +153,7 @@ def test_unequal_populations_partition_each_task_among_its_own_clients(run_confi
 
 
 def test_each_task_can_have_its_own_partitioner(run_config: dict) -> None:
-    from atlas_flwr.local import client_data
+    from atlas_flwr.client.local import client_data
 
     values = run_config | {"tasks": "sst2,mrpc", "clients-per-task": 3, "max-samples-per-client": 0}
     values |= {"partitioner-by-task": "sst2:dirichlet-0.1"}  # mrpc keeps the run's iid
@@ -172,9 +172,9 @@ def test_each_task_can_have_its_own_partitioner(run_config: dict) -> None:
 
 
 def test_each_task_can_have_its_own_local_epochs(run_config: dict, tiny_models: dict) -> None:
-    from atlas_flwr.local import initial_state, run_train
-    from atlas_flwr.records import to_numpy
-    from atlas_flwr.split_client import batch_plan
+    from atlas_flwr.client.local import initial_state, run_train
+    from atlas_flwr.client.split_client import batch_plan
+    from atlas_flwr.common.records import to_numpy
 
     values = run_config | {"tasks": "sst2,mrpc", "clients-per-task": 1, "max-samples-per-client": 16}
     values |= {"model": tiny_models["bert"], "batch-size": 8, "max-length": 32, "local-epochs-by-task": "mrpc:3"}

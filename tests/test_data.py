@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from atlas_flwr.common.errors import DataError
 from atlas_flwr.data import TASKS, client_partition, eval_rows, load_split, make_loader, task_spec, tokenize
-from atlas_flwr.errors import DataError
 from atlas_flwr.models.classifier import load_tokenizer
 
 

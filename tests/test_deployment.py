@@ -107,7 +107,7 @@ def test_the_superlink_refuses_plaintext_and_unregistered_supernodes(tmp_path: P
 def test_node_config_data_paths_override_the_run_config(run_config: dict) -> None:
     from flwr.app import Context, RecordDict
 
-    from atlas_flwr.identity import client_identity
+    from atlas_flwr.client.identity import client_identity
 
     node = {"partition-id": 1, "num-partitions": 8, "data-dir": "/data/site-b/glue", "eurosat-data": "/data/b.npz"}
     context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run_config)

@@ -13,13 +13,13 @@ import pytest
 from flwr.app import Context, RecordDict
 from safetensors.numpy import load_file
 
+from atlas_flwr.client.identity import client_identity
 from atlas_flwr.client_app import app as client_app
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.eurosat.data import default_npz
 from atlas_flwr.eurosat.model import build_model, exchanged_state, load_exchanged
 from atlas_flwr.eurosat.server import MODEL_FILE, run_eurosat
-from atlas_flwr.identity import client_identity
 from atlas_tools.local_grid import LocalGrid
 from tests.test_fault_tolerance import CrashingGrid
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from atlas_flwr.config import Config
-from atlas_flwr.errors import ConfigError
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlas_flwr.errors import DataError
+from atlas_flwr.common.errors import DataError
 from atlas_flwr.eurosat.data import TEST_FOLD, client_indices, default_npz, load_eurosat
 
 

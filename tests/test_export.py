@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlas_flwr.checkpoint import load_checkpoint
+from atlas_flwr.client.local import client_data, loaded_model
 from atlas_flwr.client_app import app as client_app
-from atlas_flwr.config import Config
+from atlas_flwr.common.checkpoint import load_checkpoint
+from atlas_flwr.common.config import Config
 from atlas_flwr.data import task_spec
 from atlas_flwr.data.glue import eval_rows
-from atlas_flwr.local import client_data, loaded_model
 from atlas_flwr.server_app import run_federation
 from atlas_tools.export import export_main, export_run, load_exported, predict, predict_main
 from atlas_tools.local_grid import LocalGrid

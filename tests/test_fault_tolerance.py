@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from atlas_flwr.checkpoint import load_checkpoint, save_checkpoint
 from atlas_flwr.client.device import injected_failure
 from atlas_flwr.client_app import app as client_app
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.records import to_record
+from atlas_flwr.common.checkpoint import load_checkpoint, save_checkpoint
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import to_record
 from atlas_flwr.server.protocol import collect_updates
 from atlas_flwr.server_app import run_federation
 from atlas_tools.local_grid import LocalGrid

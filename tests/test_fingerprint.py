@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_flwr.config import Config
-from atlas_flwr.data import make_loader
-from atlas_flwr.fingerprint import (
+from atlas_flwr.client.fingerprint import (
     FingerprintSettings,
     class_balance_weights,
     epsilon_of,
@@ -18,7 +16,9 @@ from atlas_flwr.fingerprint import (
     privatize,
     projection,
 )
-from atlas_flwr.local import client_data, compute_fingerprint, new_model
+from atlas_flwr.client.local import client_data, compute_fingerprint, new_model
+from atlas_flwr.common.config import Config
+from atlas_flwr.data import make_loader
 from atlas_flwr.models.classifier import load_tokenizer
 
 

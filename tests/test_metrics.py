@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from atlas_flwr.client.train import classification_metrics, evaluate, seed_for
 from atlas_flwr.data import make_loader
-from atlas_flwr.train import classification_metrics, evaluate, seed_for
 
 
 def _reference(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:

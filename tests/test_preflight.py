@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from atlas_flwr.config import Config
-from atlas_flwr.errors import DataError, ModelError
-from atlas_flwr.preflight import preflight
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import DataError, ModelError
+from atlas_flwr.server.preflight import preflight
 
 
 def test_glue_runs_need_a_known_model(run_config: dict) -> None:

@@ -17,8 +17,8 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from atlas_flwr.client_app import app as client_app
+from atlas_flwr.common.config import Config
 from atlas_flwr.common.state import state_digest
-from atlas_flwr.config import Config
 from atlas_tools.local_grid import LocalGrid
 from strategies.pipeline import PRESETS
 
@@ -33,8 +33,8 @@ CASES = {name: {} for name in PRESETS} | {
 
 
 def _binding_tiers(cfg: Config) -> str:
-    from atlas_flwr.shapes import model_shape, train_shape
-    from atlas_flwr.train import pick_device
+    from atlas_flwr.client.train import pick_device
+    from atlas_flwr.server.shapes import model_shape, train_shape
     from strategies.memory import Calibration, predict_peak_bytes
 
     shape, step = model_shape(cfg), train_shape(cfg)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from atlas_flwr.records import to_record
+from atlas_flwr.common.records import to_record
 from atlas_flwr.server.protocol import decode_train_reply
 from strategies.pipeline import ClientInfo
 

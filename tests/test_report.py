@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlas_flwr.results import RunWriter
+from atlas_flwr.common.results import RunWriter
 from atlas_tools.report import main
 
 

@@ -7,18 +7,18 @@ import pytest
 import torch
 from flwr.clientapp import ClientApp
 
-from atlas_flwr import split_client
+from atlas_flwr.client import split_client
+from atlas_flwr.client.identity import client_identity
+from atlas_flwr.client.local import initial_state, new_model
+from atlas_flwr.client.split_client import batch_at, batch_plan, seed_state, split_step
+from atlas_flwr.client.train import seed_for
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.records import to_numpy, to_torch
+from atlas_flwr.common.split_train import ClientSide
 from atlas_flwr.common.state import module_ranks, state_digest
-from atlas_flwr.config import Config
-from atlas_flwr.identity import client_identity
-from atlas_flwr.local import initial_state, new_model
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state
 from atlas_flwr.models.split import SplitClassifier
-from atlas_flwr.records import to_numpy, to_torch
-from atlas_flwr.split_client import batch_at, batch_plan, seed_state, split_step
-from atlas_flwr.split_server import SplitClient, round_updates, run_split_round, server_half, split_adapter
-from atlas_flwr.split_train import ClientSide
-from atlas_flwr.train import seed_for
+from atlas_flwr.server.split_server import SplitClient, round_updates, run_split_round, server_half, split_adapter
 from atlas_tools.local_grid import LocalGrid
 from strategies.pipeline import ClientInfo
 
@@ -166,7 +166,7 @@ def test_split_run_end_to_end_in_the_round_loop(cfg_values: dict) -> None:
 
 def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
     from atlas_flwr.client_app import app as client_app
-    from atlas_flwr.errors import AtlasError
+    from atlas_flwr.common.errors import AtlasError
     from atlas_flwr.server_app import run_federation
 
     values = {**cfg_values, "split": "auto", "device-tiers": "1MB", "device-scale": 1.0}
@@ -230,8 +230,8 @@ def test_split_with_budget_ranks_trains_below_the_cut_what_the_budget_allows(cfg
     import json
 
     from atlas_flwr.client_app import app as client_app
+    from atlas_flwr.server.shapes import model_shape, train_shape
     from atlas_flwr.server_app import run_federation
-    from atlas_flwr.shapes import model_shape, train_shape
     from strategies.memory import Calibration
     from strategies.split_cut import split_client_peak_bytes
 

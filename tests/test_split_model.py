@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlas_flwr.errors import ModelError
+from atlas_flwr.common.errors import ModelError
 from atlas_flwr.models.classifier import LoraSettings, build_classifier, load_tokenizer
 from atlas_flwr.models.registry import resolve_model
 from atlas_flwr.models.split import SplitClassifier, num_blocks

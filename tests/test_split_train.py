@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.split_train import ClientSide, ServerSide
 from atlas_flwr.models.classifier import LoraSettings, build_classifier, load_tokenizer
 from atlas_flwr.models.split import SplitClassifier
-from atlas_flwr.split_train import ClientSide, ServerSide
 
 TEXTS = ["a gripping, funny film", "dull", "the cat sat on the mat", "rain again, and again"]
 LR, HEAD_LR, WD = 0.01, 0.05, 0.01

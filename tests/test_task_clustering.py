@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlas_flwr.config import Config
-from atlas_flwr.local import compute_fingerprint, fingerprint_settings
+from atlas_flwr.client.local import compute_fingerprint, fingerprint_settings
+from atlas_flwr.common.config import Config
 from strategies.clustering import adjusted_rand
 from strategies.pipeline import plan_groups
 

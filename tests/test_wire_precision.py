@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from atlas_flwr.client_app import app as client_app
-from atlas_flwr.codec import decode_update, encode_update, held_by_client
-from atlas_flwr.config import Config
+from atlas_flwr.common.codec import decode_update, encode_update, held_by_client
+from atlas_flwr.common.config import Config
 from atlas_flwr.server_app import run_federation
 from atlas_tools.local_grid import LocalGrid
 

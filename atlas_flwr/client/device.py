@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Context
 
+from atlas_flwr.client.train import seed_for
+from atlas_flwr.common.config import Config
 from atlas_flwr.common.devices import DeviceProfile, parse_size, profile_for
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.train import seed_for
+from atlas_flwr.common.errors import AtlasError
 
 
 def device_profile(context: Context, cfg: Config, client_id: int) -> DeviceProfile:

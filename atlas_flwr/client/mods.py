@@ -10,7 +10,7 @@ from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.errors import AtlasError
 
 
 def one_line_errors(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:

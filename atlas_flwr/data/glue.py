@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from atlas_flwr.errors import DataError
+from atlas_flwr.common.errors import DataError
 
 HUB_DATASET = "nyu-mll/glue"
 

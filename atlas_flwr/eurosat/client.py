@@ -7,13 +7,13 @@ from logging import INFO
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from atlas_flwr.codec import from_wire_record, to_wire_record
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.client.identity import client_identity
+from atlas_flwr.client.train import pick_device, seed_for
+from atlas_flwr.common.codec import from_wire_record, to_wire_record
+from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.eurosat.data import client_indices, load_eurosat
 from atlas_flwr.eurosat.model import EuroSatCNN, exchanged_state, load_exchanged
 from atlas_flwr.eurosat.train import train_local
-from atlas_flwr.identity import client_identity
-from atlas_flwr.train import pick_device, seed_for
 
 #: FedAvg's default record names (flwr.serverapp.strategy.FedAvg).
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"

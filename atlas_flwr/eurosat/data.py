@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from atlas_flwr.common.errors import DataError
 from atlas_flwr.data.glue import make_partitioner
-from atlas_flwr.errors import DataError
 
 NPZ_NAME = "eurosat_rgb_jpeg.npz"
 HUB_DATASET = "tanganke/eurosat"

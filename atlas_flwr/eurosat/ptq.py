@@ -34,12 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from atlas_flwr.config import EUROSAT_DATA_ENV
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.config import EUROSAT_DATA_ENV
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.results import RunWriter
 from atlas_flwr.eurosat.data import default_npz, load_eurosat
 from atlas_flwr.eurosat.model import EuroSatCNN, load_exchanged
 from atlas_flwr.eurosat.train import evaluate, to_input
-from atlas_flwr.results import RunWriter
 
 BACKEND = "x86"
 VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")

@@ -24,16 +24,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from safetensors.numpy import save_file
 
-from atlas_flwr.checkpoint import checkpoint_to_resume, save_checkpoint
-from atlas_flwr.codec import State, from_wire_record, to_wire_record
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.checkpoint import checkpoint_to_resume, save_checkpoint
+from atlas_flwr.common.codec import State, from_wire_record, to_wire_record
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import from_record, message_bytes, to_record
+from atlas_flwr.common.results import RunWriter, default_run_name, new_run_dir
 from atlas_flwr.eurosat.client import ARRAYS, METRICS
 from atlas_flwr.eurosat.data import load_eurosat
 from atlas_flwr.eurosat.model import EuroSatCNN, build_model, exchanged_state, load_exchanged, num_parameters
 from atlas_flwr.eurosat.train import evaluate
-from atlas_flwr.records import from_record, message_bytes, to_record
-from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
 
 MODEL_FILE = "model.safetensors"
 
@@ -48,7 +48,7 @@ class WireFedAvg(FedAvg):
     Parameters
     ----------
     precision : str
-        ``fp32``, ``fp16`` or ``int8`` (see :mod:`atlas_flwr.codec`).
+        ``fp32``, ``fp16`` or ``int8`` (see :mod:`atlas_flwr.common.codec`).
     num_clients : int
         Every round trains on all of them (and waits until they are all connected).
     """

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from atlas_flwr.client.train import TrainResult
 from atlas_flwr.eurosat.data import MEAN, STD
-from atlas_flwr.train import TrainResult
 
 _MEAN = torch.tensor(MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(STD).view(1, 3, 1, 1)

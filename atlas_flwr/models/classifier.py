@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from atlas_flwr.errors import ModelError
+from atlas_flwr.common.errors import ModelError
 from atlas_flwr.models.registry import ModelSource, resolve_model
 
 

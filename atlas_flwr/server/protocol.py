@@ -14,12 +14,12 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from atlas_flwr.codec import decode_update, held_by_client, to_wire_record
+from atlas_flwr.common.codec import decode_update, held_by_client, to_wire_record
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import from_record, message_bytes
 from atlas_flwr.common.state import LORA_A_SUFFIX, State, state_digest
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.messaging import exchange
-from atlas_flwr.records import from_record, message_bytes
+from atlas_flwr.server.messaging import exchange
 from strategies.pipeline import ClientInfo, PersonalizedPipeline, Update
 
 #: Serialisation overhead allowed on top of the raw bytes of the tensors sent (ArrayRecord headers).

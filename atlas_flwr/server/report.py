@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.dp import run_epsilon
+from atlas_flwr.common.results import RunWriter
 from atlas_flwr.common.state import module_ranks
-from atlas_flwr.config import Config
 from atlas_flwr.data import task_spec
-from atlas_flwr.dp import run_epsilon
-from atlas_flwr.results import RunWriter
 from atlas_flwr.server.plan import Plan
 from strategies.aggregation import energy_by_slice
 from strategies.pipeline import ClientInfo, PersonalizedPipeline

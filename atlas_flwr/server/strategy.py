@@ -22,14 +22,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from atlas_flwr.checkpoint import Checkpoint, checkpoint_to_resume, save_checkpoint
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.messaging import PollingGrid
-from atlas_flwr.preflight import preflight
-from atlas_flwr.records import message_bytes
-from atlas_flwr.results import RunWriter, default_run_name, new_run_dir
+from atlas_flwr.client.train import seed_for
+from atlas_flwr.common.checkpoint import Checkpoint, checkpoint_to_resume, save_checkpoint
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import message_bytes
+from atlas_flwr.common.results import RunWriter, default_run_name, new_run_dir
+from atlas_flwr.server.messaging import PollingGrid
 from atlas_flwr.server.plan import Plan, plan_federation, plan_from_checkpoint
+from atlas_flwr.server.preflight import preflight
 from atlas_flwr.server.protocol import (
     collect_updates,
     content_for,
@@ -45,8 +46,7 @@ from atlas_flwr.server.report import (
     run_summary,
     task_means,
 )
-from atlas_flwr.split_server import SplitClient, plan_split, round_updates, run_split_round, start_round
-from atlas_flwr.train import seed_for
+from atlas_flwr.server.split_server import SplitClient, plan_split, round_updates, run_split_round, start_round
 from strategies.pipeline import ClientInfo, PersonalizedPipeline, resolve_switches
 
 

@@ -123,7 +123,7 @@ import sys
 from pathlib import Path
 
 from atlas_tools.cli import resolve_run_config
-from atlas_flwr.config import Config
+from atlas_flwr.common.config import Config
 
 values = resolve_run_config(Path(sys.argv[2]), Path(sys.argv[1]), sys.argv[3:])
 print(Config.from_run_config(values).num_clients)

@@ -6,10 +6,10 @@ import os
 import zipfile
 from pathlib import Path
 
-from atlas_flwr.checkpoint import checkpoint_to_resume
-from atlas_flwr.config import Config
+from atlas_flwr.common.checkpoint import checkpoint_to_resume
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import ConfigError, DataError
 from atlas_flwr.data import load_split
-from atlas_flwr.errors import ConfigError, DataError
 
 
 def preflight(cfg: Config) -> None:
@@ -68,7 +68,7 @@ def _check_output_dir(cfg: Config) -> None:
 def _check_model_fits(cfg: Config) -> None:
     """LoRA rank, split block and simulated memory tiers against the model's shape."""
     from atlas_flwr.common.devices import parse_size
-    from atlas_flwr.shapes import model_shape, train_shape
+    from atlas_flwr.server.shapes import model_shape, train_shape
     from strategies.memory import Calibration, predict_peak_bytes
     from strategies.pipeline import resolve_switches
 

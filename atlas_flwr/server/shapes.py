@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig
 
-from atlas_flwr.config import Config
+from atlas_flwr.common.config import Config
 from atlas_flwr.models.registry import resolve_model
 from strategies.memory import ModelShape, TrainShape
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.results import atomic_write
 from atlas_flwr.common.state import State
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.results import atomic_write
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 # generator, so the batches would differ from the loader's own order (which split learning replays).
 from tqdm import tqdm
 
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.errors import AtlasError
 
 
 def pick_device(requested: str) -> torch.device:

@@ -130,9 +130,9 @@ def epsilon_of(noise: float, num_rows: int, delta: float) -> float:
 
     The noise is already scaled to the replace-one sensitivity, so this is the plain Gaussian
     mechanism: no sampling amplification (all ``num_rows`` rows are used, so their number does not
-    enter), one release (:func:`atlas_flwr.dp.run_epsilon`).
+    enter), one release (:func:`atlas_flwr.common.dp.run_epsilon`).
     """
-    from atlas_flwr.dp import run_epsilon
+    from atlas_flwr.common.dp import run_epsilon
 
     return run_epsilon([noise], delta)
 

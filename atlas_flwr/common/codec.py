@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from atlas_flwr.common.config import PRECISIONS
 from atlas_flwr.common.state import State
-from atlas_flwr.config import PRECISIONS
 
 SCALE_SUFFIX = ":scale"
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.models.split import SplitClassifier
 
 Batch = Mapping[str, torch.Tensor]
@@ -136,8 +136,8 @@ class ServerSide(_AdamWSide):
     def restart(self, top: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> None:
         """Start a round from ``top`` (the adapter of blocks >= cut) and ``head``, with fresh AdamW moments,
         as a federated client starts its local training."""
+        from atlas_flwr.common.records import to_torch
         from atlas_flwr.models.classifier import load_adapter_state, load_head_state
-        from atlas_flwr.records import to_torch
 
         load_adapter_state(self.split.model, to_torch(top))
         load_head_state(self.split.model, to_torch(head))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from atlas_flwr.errors import ConfigError
+from atlas_flwr.common.errors import ConfigError
 
 STRATEGIES = (
     "centralized",
@@ -39,7 +39,7 @@ POOLINGS = ("mean", "cls", "last")
 PADDINGS = ("longest", "max-length")
 DEVICES = ("auto", "cpu", "cuda")
 WORKLOADS = ("glue", "eurosat")
-#: Wire precision of both workloads, and the EuroSAT compute precision (atlas_flwr/codec.py).
+#: Wire precision of both workloads, and the EuroSAT compute precision (atlas_flwr/common/codec.py).
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Learning rate per round: constant, or cosine from ``lr`` to ``lr / 100`` over ``num-server-rounds``.
 LR_SCHEDULES = ("constant", "cosine")

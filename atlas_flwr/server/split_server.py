@@ -30,14 +30,14 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from atlas_flwr.client.fingerprint import layer_of
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import from_record, to_record
+from atlas_flwr.common.split_train import ServerSide
 from atlas_flwr.common.state import State, module_ranks
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.fingerprint import layer_of
-from atlas_flwr.messaging import exchange
 from atlas_flwr.models.split import SplitClassifier
-from atlas_flwr.records import from_record, to_record
-from atlas_flwr.split_train import ServerSide
+from atlas_flwr.server.messaging import exchange
 from strategies.pipeline import ClientInfo, Update
 
 #: Where split halves compute, whatever the client has: split_train places nothing on a device yet.
@@ -182,8 +182,8 @@ def run_split_round(
 
 def round_updates(clients: Sequence[SplitClient], result: SplitRoundResult) -> list[Update]:
     """Each finished client's whole adapter (its bottom and its half's top) and head, as a federated update."""
+    from atlas_flwr.common.records import to_numpy
     from atlas_flwr.models.classifier import adapter_state, head_state
-    from atlas_flwr.records import to_numpy
 
     updates = []
     for client in sorted(clients, key=lambda c: c.client_id):
@@ -240,9 +240,9 @@ def plan_split(
     build its server half; return them with one row per client for the run's ``split`` table.
 
     A client in ``cuts`` keeps the cut its rank plan chose (budget ranks), priced at its own ranks."""
-    from atlas_flwr.local import loaded_model
+    from atlas_flwr.client.local import loaded_model
     from atlas_flwr.models.registry import resolve_model
-    from atlas_flwr.shapes import model_shape, train_shape
+    from atlas_flwr.server.shapes import model_shape, train_shape
     from strategies.memory import Calibration
     from strategies.split_cut import choose_split, split_client_peak_bytes
 

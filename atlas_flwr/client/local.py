@@ -11,23 +11,25 @@ import datasets
 import numpy as np
 import torch
 
-from atlas_flwr.common.state import module_ranks
-from atlas_flwr.config import Config
-from atlas_flwr.data import (
-    client_partition,
-    eval_rows,
-    make_loader,
-    task_spec,
-    tokenize,
-)
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.fingerprint import (
+from atlas_flwr.client.fingerprint import (
     Fingerprint,
     FingerprintSettings,
     class_balance_weights,
     example_features,
     layer_of,
     privatize,
+)
+from atlas_flwr.client.train import TrainResult, evaluate, pick_device, seed_for, train_local
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import State, module_of, to_torch, without_modules
+from atlas_flwr.common.state import module_ranks
+from atlas_flwr.data import (
+    client_partition,
+    eval_rows,
+    make_loader,
+    task_spec,
+    tokenize,
 )
 from atlas_flwr.models.classifier import (
     LoraSettings,
@@ -39,8 +41,6 @@ from atlas_flwr.models.classifier import (
     load_head_state,
     load_tokenizer,
 )
-from atlas_flwr.records import State, module_of, to_torch, without_modules
-from atlas_flwr.train import TrainResult, evaluate, pick_device, seed_for, train_local
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from flwr.app import Context
 
-from atlas_flwr.config import Config
-from atlas_flwr.errors import AtlasError
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
 
 
 def client_identity(context: Context) -> tuple[Config, int]:

@@ -19,17 +19,17 @@ from functools import lru_cache
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from atlas_flwr.client.local import client_data, new_model
+from atlas_flwr.client.train import seed_for
+from atlas_flwr.common.config import Config
+from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.common.records import from_record, to_record, to_torch
+from atlas_flwr.common.split_train import ClientSide
 from atlas_flwr.common.state import module_ranks
-from atlas_flwr.config import Config
 from atlas_flwr.data.tokenize import collator
-from atlas_flwr.errors import AtlasError
-from atlas_flwr.local import client_data, new_model
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state, load_tokenizer
 from atlas_flwr.models.registry import resolve_model
 from atlas_flwr.models.split import SplitClassifier
-from atlas_flwr.records import from_record, to_record, to_torch
-from atlas_flwr.split_train import ClientSide
-from atlas_flwr.train import seed_for
 
 STATE_ADAPTER, STATE_OPTIMIZER, STATE_RNG = "split-bottom", "split-optimizer", "split-rng"
 
