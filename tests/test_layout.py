@@ -88,3 +88,11 @@ def test_a_newcomer_finds_install_run_and_test_at_the_top_of_a_short_readme() ->
     heads = {line: i for i, line in enumerate(lines) if line.startswith("## ")}
     assert heads["## Install"] < heads["## Run the default experiment (offline)"] < heads["## Test"]
     assert lines.index("pytest -q") < 80, "the test command must appear before line 80"
+
+
+def test_common_code_depends_on_neither_side() -> None:
+    for path in ROOT.glob("atlas_flwr/common/*.py"):
+        sides = sorted(
+            m for m in _imports(path) if m.startswith(("strategies", "atlas_flwr.server", "atlas_flwr.client"))
+        )
+        assert not sides, f"{path.relative_to(ROOT)} imports {sides[0]}: common/ is what both sides use"
