@@ -222,7 +222,10 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
     clusters = json.loads((run_dir / "clusters.json").read_text())
     assert clusters["clustering"] == "learned" and len(clusters["groups"]) == 4 and "scores" in clusters
     adjacency = np.array(json.loads((run_dir / "adjacency.json").read_text())["a"])
-    assert adjacency.shape == (4, 4) and np.all(adjacency[~np.eye(4, dtype=bool)] > 0)
+    same = np.equal.outer(clusters["groups"], clusters["groups"]) & ~np.eye(4, dtype=bool)
+    assert adjacency.shape == (4, 4) and np.allclose(adjacency, adjacency.T) and np.all(adjacency[same] > 0)
+    # laplacian-graph = cluster: a group's own pairs set the bandwidth, so other groups weigh less.
+    assert adjacency[~np.equal.outer(clusters["groups"], clusters["groups"])].max() < adjacency[same].min()
     with (run_dir / "ranks.csv").open() as fh:
         ranks = list(csv.DictReader(fh))
     small, large = ranks[0], ranks[1]  # tiers cycle with the partition id
@@ -240,7 +243,7 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         "ranks": "budget",
         "aggregation": "exact",
         "laplacian-eta": 0.5,
-        "laplacian-graph": "median",
+        "laplacian-graph": "cluster",
         "server-lr": 1.0,
         "factor-split": "balanced",
         "frozen-layers": "use",
