@@ -137,7 +137,7 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
 README_REPORTS = [
     (["benchmarks/results/protocol"], "fedavg", "protocol"),
     (["benchmarks/results/quality"], "atlas", "quality"),
-    (["benchmarks/results/protocol-v2"], "atlas", "protocol-v2"),
+    (["benchmarks/results/protocol-v2"], "fedavg-cluster", "protocol-v2"),
     (
         [
             f"benchmarks/results/protocol/fedavg-cluster{split}{seed}"
