@@ -87,3 +87,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         tokenizer.save_pretrained(path)
         out[family] = str(path)
     return out
+
+
+def binding_tiers(cfg) -> str:
+    """Two device tiers for the tiny model: one that holds only the top layer's adapter, one that holds all.
+
+    Priced with the calibration the server plans with: that of the device the clients train on."""
+    from atlas_flwr.client.train import pick_device
+    from atlas_flwr.server.shapes import model_shape, train_shape
+    from strategies.memory import Calibration, predict_peak_bytes
+
+    shape, step = model_shape(cfg), train_shape(cfg)
+    cal = Calibration.for_device(pick_device(cfg.device).type)
+    top_only = predict_peak_bytes(shape, step, [0] * (shape.num_layers - 1) + [cfg.lora_rank], calibration=cal)["total"]
+    full = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=cal)["total"]
+    assert top_only < full
+    return f"{(top_only + full) // 2}B,{2 * full}B"

@@ -16,6 +16,7 @@ from atlas_flwr.common.records import to_numpy, to_record
 from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.server_app import run_federation
 from atlas_tools.local_grid import LocalGrid
+from tests.conftest import binding_tiers
 
 
 @pytest.fixture()
@@ -197,25 +198,9 @@ def test_missing_split_stops_the_run_before_round_one(tiny_run_config: dict, tmp
         _run({**tiny_run_config, "data-dir": str(broken)})
 
 
-def _binding_tiers(cfg: Config) -> str:
-    """Two device tiers for the tiny model: one that holds only the top layer's adapter, one that holds all.
-
-    Priced with the calibration the server plans with: that of the device the clients train on."""
-    from atlas_flwr.client.train import pick_device
-    from atlas_flwr.server.shapes import model_shape, train_shape
-    from strategies.memory import Calibration, predict_peak_bytes
-
-    shape, step = model_shape(cfg), train_shape(cfg)
-    cal = Calibration.for_device(pick_device(cfg.device).type)
-    top_only = predict_peak_bytes(shape, step, [0] * (shape.num_layers - 1) + [cfg.lora_rank], calibration=cal)["total"]
-    full = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=cal)["total"]
-    assert top_only < full
-    return f"{(top_only + full) // 2}B,{2 * full}B"
-
-
 def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_run_config: dict) -> None:
     values = {**tiny_run_config, "strategy": "atlas", "fingerprint-rows": 16, "device-scale": 1.0}
-    values["device-tiers"] = _binding_tiers(Config.from_run_config(values))
+    values["device-tiers"] = binding_tiers(Config.from_run_config(values))
     cfg, grid, outcome = _run(values)
     run_dir = outcome.run_dir
     assert grid.messages_seen.count("query.fingerprint") == cfg.num_clients
@@ -280,7 +265,7 @@ def test_a_budget_bound_client_uses_its_groups_layers_frozen_or_drops_them(
 ) -> None:
     values = {**tiny_run_config, "strategy": "atlas-no-laplacian", "fingerprint-rows": 16, "device-scale": 1.0}
     values |= {"clustering": "oracle", "frozen-layers": frozen_layers, "num-server-rounds": 1}
-    values["device-tiers"] = _binding_tiers(Config.from_run_config(values))
+    values["device-tiers"] = binding_tiers(Config.from_run_config(values))
     _, grid, outcome = _run(values)
     strategy = outcome.strategy
     small, large = (strategy.state_for(i)[0] for i in (0, 1))  # one task: clients 0 (small tier) and 1

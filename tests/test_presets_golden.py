@@ -21,6 +21,7 @@ from atlas_flwr.common.config import Config
 from atlas_flwr.common.state import state_digest
 from atlas_tools.local_grid import LocalGrid
 from strategies.pipeline import PRESETS
+from tests.conftest import binding_tiers
 
 GOLDEN = Path(__file__).parent / "golden" / "presets.json"
 USER_APP = Path(__file__).resolve().parents[1] / "examples" / "own_server_app.py"
@@ -30,18 +31,6 @@ CASES = {name: {} for name in PRESETS} | {
     "flexlora": {"rank-tiers": "2,4", "lora-rank": 4},
     "homlora": {"rank-tiers": "2,4", "lora-rank": 4},
 }
-
-
-def _binding_tiers(cfg: Config) -> str:
-    from atlas_flwr.client.train import pick_device
-    from atlas_flwr.server.shapes import model_shape, train_shape
-    from strategies.memory import Calibration, predict_peak_bytes
-
-    shape, step = model_shape(cfg), train_shape(cfg)
-    cal = Calibration.for_device(pick_device(cfg.device).type)
-    top_only = predict_peak_bytes(shape, step, [0] * (shape.num_layers - 1) + [cfg.lora_rank], calibration=cal)["total"]
-    full = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=cal)["total"]
-    return f"{(top_only + full) // 2}B,{2 * full}B"
 
 
 def _observe(values: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -95,7 +84,7 @@ def preset_values(run_config: dict, tiny_models: dict, one_thread: None) -> dict
         "device-scale": 1.0,
         "laplacian-graph": "median",  # the golden results predate the cluster-scaled default
     }
-    values["device-tiers"] = _binding_tiers(Config.from_run_config(values))
+    values["device-tiers"] = binding_tiers(Config.from_run_config(values))
     return values
 
 
