@@ -177,53 +177,49 @@ def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
         run_federation(LocalGrid(client_app, values, cfg.num_clients), cfg)
 
 
-def test_split_rounds_compute_what_federated_rounds_compute(cfg_values: dict) -> None:
-    """Cutting the model changes where each step runs, not what it computes: dropout included.
-
-    On the CPU, where split halves run: a federated client with a GPU trains in fp16 autocast instead."""
+def _same_states_with_and_without_the_cut(values: dict) -> tuple[dict[str, list], list]:
+    """Run ``values`` without split and cut at block 1; assert every client ends with the same adapter and
+    head (rtol 1e-4); return both runs' states and pipelines."""
     from atlas_flwr.client_app import app as client_app
     from atlas_flwr.server_app import run_federation
 
-    values = {**cfg_values, "tasks": "sst2,mrpc", "num-server-rounds": 2, "max-eval-samples": 8, "device": "cpu"}
-    assert values["lora-dropout"] > 0  # and the tiny BERT's hidden and attention dropout are 0.1
-    states = {}
+    states, pipelines = {}, []
     for split in ("none", "1"):
         run = {**values, "split": split, "run-name": f"split-{split}"}
         cfg = Config.from_run_config(run)
         outcome = run_federation(LocalGrid(client_app, run, cfg.num_clients), cfg)
         states[split] = [outcome.strategy.state_for(i) for i in range(cfg.num_clients)]
+        pipelines.append(outcome.strategy)
     for (adapter, head), (split_adapter_, split_head) in zip(states["none"], states["1"], strict=True):
         assert set(adapter) == set(split_adapter_)
         for key in adapter:
             np.testing.assert_allclose(split_adapter_[key], adapter[key], rtol=1e-4, atol=1e-6)
         for key in head:
             np.testing.assert_allclose(split_head[key], head[key], rtol=1e-4, atol=1e-6)
+    return states, pipelines
+
+
+def test_split_rounds_compute_what_federated_rounds_compute(cfg_values: dict) -> None:
+    """Cutting the model changes where each step runs, not what it computes: dropout included.
+
+    On the CPU, where split halves run: a federated client with a GPU trains in fp16 autocast instead."""
+
+    values = {**cfg_values, "tasks": "sst2,mrpc", "num-server-rounds": 2, "max-eval-samples": 8, "device": "cpu"}
+    assert values["lora-dropout"] > 0  # and the tiny BERT's hidden and attention dropout are 0.1
+    states = _same_states_with_and_without_the_cut(values)[0]
     assert any(np.abs(a[k]).sum() > 0 for a, _ in states["1"] for k in a if "lora_B" in k)
 
 
 def test_four_phases_split_rounds_compute_what_federated_rounds_compute(cfg_values: dict) -> None:
     """atlas (learned groups, budget ranks, exact aggregation, the Laplacian) with the model cut at block 1
     gives the states the same run gives without the cut, at ranks 2 and 4 inside the same modules."""
-    from atlas_flwr.client_app import app as client_app
-    from atlas_flwr.server_app import run_federation
 
     values = {**cfg_values, "strategy": "atlas", "tasks": "sst2,mrpc", "num-server-rounds": 2, "device": "cpu"}
     values |= {"max-eval-samples": 8, "fingerprint-rows": 16, "rank-tiers": "2,4", "lora-rank": 4}
     values |= {"device-tiers": "1GB", "device-scale": 1.0}
-    states = {}
-    for split in ("none", "1"):
-        run = {**values, "split": split, "run-name": f"split-{split}"}
-        cfg = Config.from_run_config(run)
-        outcome = run_federation(LocalGrid(client_app, run, cfg.num_clients), cfg)
-        states[split] = [outcome.strategy.state_for(i) for i in range(cfg.num_clients)]
-        assert outcome.strategy.eta > 0 and outcome.strategy.switches.ranks == "budget"
+    states, pipelines = _same_states_with_and_without_the_cut(values)
+    assert all(p.eta > 0 and p.switches.ranks == "budget" for p in pipelines)
     assert [set(module_ranks(a).values()) for a, _ in states["1"]] == [{2}, {4}, {2}, {4}]
-    for (adapter, head), (split_adapter_, split_head) in zip(states["none"], states["1"], strict=True):
-        assert set(adapter) == set(split_adapter_)
-        for key in adapter:
-            np.testing.assert_allclose(split_adapter_[key], adapter[key], rtol=1e-4, atol=1e-6)
-        for key in head:
-            np.testing.assert_allclose(split_head[key], head[key], rtol=1e-4, atol=1e-6)
 
 
 def test_split_with_budget_ranks_trains_below_the_cut_what_the_budget_allows(cfg_values: dict) -> None:
