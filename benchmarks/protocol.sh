@@ -36,6 +36,8 @@ declare -A extra=(
   [flexlora]=""
   [atlas-no-laplacian+svd-dense]="aggregation=\"svd-dense\""
   [fedavg-cluster+drop]="over-budget=\"drop\""
+  # The Laplacian after the protocol v2 runs (HEAD's defaults): the cluster graph over untruncated group means.
+  [atlas+graph-cluster+aggregate]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\""
   # The Laplacian lever: the graph's bandwidth from the pairs inside a group (commit after d592403).
   [atlas+graph-cluster]="laplacian-graph=\"cluster\""
   [atlas+eta-0.1]="laplacian-eta=0.1"

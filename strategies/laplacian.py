@@ -8,7 +8,7 @@ The mix is formed in low-rank form and re-projected to each client's own rank an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from strategies.aggregation import (
     Factor,
     State,
     lora_modules,
+    lora_scaling,
     lowrank_sum,
     module_factors,
     to_factors,
@@ -136,8 +137,9 @@ def laplacian_states(
     lam: float,
     alpha: float,
     use_rslora: bool = False,
+    target_ranks: Sequence[Mapping[str, int]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Apply :func:`laplacian_step` to every LoRA module of PEFT adapter states, keeping each client's ranks.
+    """Apply :func:`laplacian_step` to every LoRA module of PEFT adapter states, re-projected to given ranks.
 
     Parameters
     ----------
@@ -154,18 +156,27 @@ def laplacian_states(
         ``lora_alpha``; each factor's scaling is alpha / r (alpha / sqrt(r) with rsLoRA).
     use_rslora : bool
         Whether the adapters use rsLoRA scaling.
+    target_ranks : sequence of dict[str, int], optional
+        Per client, module -> the rank of its output; a module it does not name keeps its input rank
+        (the default for every module). Mixing untruncated aggregates and truncating once, here, keeps
+        the step from pulling a client toward its peers' truncations of the same update.
 
     Returns
     -------
     list of dict[str, ndarray]
-        One state per client, same keys and shapes as its input, float32.
+        One state per client, same keys as its input, float32, at the target ranks.
     """
+    if target_ranks is not None and len(target_ranks) != len(states):
+        raise ValueError(f"need one target-rank map per state: got {len(target_ranks)} for {len(states)} states")
     outputs: list[dict[str, np.ndarray]] = [{} for _ in states]
     for module in lora_modules(states):
         factors = module_factors(states, module, alpha, use_rslora)
         ranks = [b.shape[1] for b, _, _ in factors]
+        if target_ranks is not None:
+            ranks = [int(t.get(module, r)) for t, r in zip(target_ranks, ranks, strict=True)]
         try:
-            mixed = laplacian_step(factors, adjacency, eta, lam, ranks, [s for _, _, s in factors])
+            scalings = [lora_scaling(alpha, r, use_rslora) for r in ranks]
+            mixed = laplacian_step(factors, adjacency, eta, lam, ranks, scalings)
         except ValueError as err:  # the math does not know module names: add it so the bad tensor can be found
             raise ValueError(f"module {module!r}: {err}") from err
         for out, (b, a) in zip(outputs, mixed, strict=True):

@@ -72,6 +72,9 @@ RANK_MODES = ("uniform", "budget", "common")
 AGGREGATIONS = ("exact", "zero-pad", "svd-dense", "factor-avg", "none")
 #: The Laplacian graph's kernel bandwidth: the median distance of all pairs, or of the pairs inside a group.
 LAPLACIAN_GRAPHS = ("median", "cluster")
+#: What the Laplacian mixes under dW-space aggregation: the groups' untruncated means (truncated once,
+#: after the step), or what each client holds after aggregation truncated the mean to its rank.
+LAPLACIAN_INPUTS = ("aggregate", "held")
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,23 @@ def aggregate_group(
     return outputs
 
 
+def untruncated(held: Sequence[Mapping[str, int]], states: Sequence[State]) -> list[dict[str, int]]:
+    """Per holder, every module it holds at a rank no group mean of ``held`` exceeds: the sum of the ranks.
+
+    Exact aggregation at these ranks truncates nothing, so the Laplacian can mix the group means
+    themselves and truncate once, to each client's own rank.
+    """
+    total: dict[str, int] = defaultdict(int)
+    for h in held:
+        for module, rank in h.items():
+            total[module] += rank
+    cap: dict[str, int] = {}
+    for state in states:
+        for module in module_ranks(state):
+            cap[module] = min(state[module + LORA_B_SUFFIX].shape[0], state[module + LORA_A_SUFFIX].shape[1])
+    return [{m: min(total[m], cap.get(m, total[m])) for m in h} for h in held]
+
+
 def delta_norm(state: State, alpha: float) -> float:
     """``sum over modules of ||s B A||_F``: HetLoRA's sparsity weight of a client's update."""
     total = 0.0
@@ -271,11 +291,18 @@ def truncate_ranks(state: State, ranks: Mapping[str, int], alpha: float) -> Stat
     return out
 
 
-def laplacian_all(states: Sequence[State], adjacency: np.ndarray, eta: float, alpha: float) -> list[State]:
+def laplacian_all(
+    states: Sequence[State],
+    adjacency: np.ndarray,
+    eta: float,
+    alpha: float,
+    ranks: Sequence[Mapping[str, int]] | None = None,
+) -> list[State]:
     """One Laplacian step over every client, module by module over the clients holding each module.
 
     ``eta`` in [0, 1] is the fraction of the largest admissible step: ``eta * lam = eta / max_k delta_k``
-    on the full graph, so ``eta * lam * delta_k <= 1`` for every client and every sub-graph.
+    on the full graph, so ``eta * lam * delta_k <= 1`` for every client and every sub-graph. ``ranks``
+    (module -> rank, one per client) are the output ranks; by default each state's own.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"laplacian eta {eta!r} is invalid: expected a fraction in [0, 1]")
@@ -287,7 +314,8 @@ def laplacian_all(states: Sequence[State], adjacency: np.ndarray, eta: float, al
     for holders, modules in _split_by_holders(states).items():
         subs = [_subset(states[i], modules) for i in holders]
         sub_adjacency = a[np.ix_(holders, holders)]
-        mixed = laplacian_states(subs, sub_adjacency, step, 1.0, alpha)
+        targets = [ranks[i] for i in holders] if ranks is not None else None
+        mixed = laplacian_states(subs, sub_adjacency, step, 1.0, alpha, target_ranks=targets)
         for i, state in zip(holders, mixed, strict=True):
             outputs[i].update(state)
     return outputs
@@ -401,6 +429,10 @@ class PersonalizedPipeline:
         Clients that never train (``over-budget = drop``): each round they take their group's aggregate.
     prune_gamma : float
         HetLoRA's self-pruning keeps this fraction of a module's rank (used when ``switches.hetlora``).
+    laplacian_input : str
+        :data:`LAPLACIAN_INPUTS`. Under ``held`` two clients of one group at ranks 2 and 16 hold different
+        truncations of the same mean, so an edge between them pulls the rank-16 client's tail toward
+        zero; ``aggregate`` mixes the means, so in-group edges move nothing.
     """
 
     def __init__(
@@ -417,9 +449,14 @@ class PersonalizedPipeline:
         frozen: Mapping[int, Iterable[str]] | None = None,
         dropped: Iterable[int] = (),
         prune_gamma: float = 0.9,
+        laplacian_input: str = "aggregate",
     ) -> None:
         if switches.laplacian and adjacency is None:
             raise ValueError("the Laplacian switch is on but no adjacency was given")
+        if laplacian_input not in LAPLACIAN_INPUTS:
+            raise ValueError(
+                f"unknown laplacian input {laplacian_input!r}: expected one of {', '.join(LAPLACIAN_INPUTS)}"
+            )
         missing = sorted({m.client_id for m in members} - set(initial))
         if missing:
             raise ValueError(f"no initial state for clients {missing}")
@@ -434,6 +471,7 @@ class PersonalizedPipeline:
         self.frozen = {m.client_id: frozenset((frozen or {}).get(m.client_id, ())) for m in self.members}
         self.dropped = frozenset(dropped)
         self.prune_gamma = prune_gamma
+        self.laplacian_input = laplacian_input
         self.pruned: dict[int, int] = defaultdict(int)  # per client, rank components pruned so far (HetLoRA)
         self.adapters = {m.client_id: dict(initial[m.client_id][0]) for m in self.members}
         self.heads = {m.client_id: dict(initial[m.client_id][1]) for m in self.members}
@@ -506,6 +544,7 @@ class PersonalizedPipeline:
             ordered = [self._self_prune(u) for u in ordered]
         receivers_only = (self.dropped | frozenset(sat_out)) - {u.client_id for u in ordered}
         dw_space = method in DW_AGGREGATIONS
+        truncate_once = dw_space and self.eta > 0 and self.laplacian_input == "aggregate"
         sent = {u.client_id: self.state_for(u.client_id) for u in ordered}
         stepped = {
             u.client_id: server_step(
@@ -519,6 +558,7 @@ class PersonalizedPipeline:
         }
         for u in ordered:  # frozen modules stay as sent unless aggregation gives the group's
             self.adapters[u.client_id] = {**sent[u.client_id][0], **u.adapter}
+        own_ranks = {i: module_ranks(state) for i, state in self.adapters.items()}
         refactored = set()
         if method != "none":
             groups: dict[int, list[Update]] = defaultdict(list)
@@ -527,13 +567,14 @@ class PersonalizedPipeline:
             for group, members in groups.items():
                 # Dropped clients take part as holders that trained nothing: they get the group's result.
                 idle = [m.client_id for m in self.members if m.group == group and m.client_id in receivers_only]
+                inputs = [stepped[u.client_id] for u in members]
+                held = [own_ranks[u.client_id] for u in members] + [own_ranks[i] for i in idle]
                 merged = aggregate_group(
-                    [stepped[u.client_id] for u in members] + [{} for _ in idle],
+                    inputs + [{} for _ in idle],
                     self._weights(members) + [0.0 for _ in idle],
                     self.alpha,
                     method,
-                    [module_ranks(sent[u.client_id][0]) for u in members]
-                    + [module_ranks(self.adapters[i]) for i in idle],
+                    untruncated(held, inputs) if truncate_once else held,
                 )
                 receivers = [u.client_id for u in members] + idle
                 for client_id, state in zip(receivers, merged, strict=True):
@@ -543,7 +584,8 @@ class PersonalizedPipeline:
                 refactored |= {u.client_id for u in ordered}
         if self.eta > 0:
             ids = [m.client_id for m in self.members]
-            mixed = laplacian_all([self.adapters[i] for i in ids], self.adjacency, self.eta, self.alpha)
+            ranks = [own_ranks[i] for i in ids] if truncate_once else None
+            mixed = laplacian_all([self.adapters[i] for i in ids], self.adjacency, self.eta, self.alpha, ranks)
             self.adapters.update(zip(ids, mixed, strict=True))
             refactored |= set(ids)
         if self.factor_split != "balanced":  # aggregation and the Laplacian split factors evenly

@@ -147,6 +147,48 @@ def test_laplacian_moves_weights_and_eta_zero_is_exactly_no_laplacian() -> None:
     assert all(a != b for a, b in zip(runs["off"], runs["on"], strict=True))
 
 
+def _best(mean: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(mean)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def test_laplacian_mixes_untruncated_group_means_and_truncates_once() -> None:
+    updates = _updates(HETERO)
+    m = MODULES[1]  # every client holds it, at ranks 4, 8 | 8, 2
+    means = [
+        (10 * _dense(updates[0].adapter, m) + 20 * _dense(updates[1].adapter, m)) / 30,
+        (30 * _dense(updates[2].adapter, m) + 40 * _dense(updates[3].adapter, m)) / 70,
+    ]
+    in_group = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], float)
+    plain = _pipeline("atlas-no-laplacian", HETERO)
+    plain.aggregate_train(updates)
+    runs = {}
+    for kind in ("aggregate", "held"):
+        pipe = _pipeline("atlas", HETERO, eta=0.5, adjacency=in_group)
+        pipe.laplacian_input = kind
+        pipe.aggregate_train(updates)
+        runs[kind] = pipe
+    for cid in range(4):  # in-group edges join clients that hold one mean: they move nothing
+        state = runs["aggregate"].state_for(cid)[0]
+        assert module_ranks(state) == HETERO[cid]
+        np.testing.assert_allclose(_dense(state, m), _dense(plain.state_for(cid)[0], m), atol=1e-4)
+    # Mixing what clients hold pulls client 2 (rank 8) toward client 3's rank-2 truncation: its tail halves.
+    held = _dense(runs["held"].state_for(2)[0], m)
+    np.testing.assert_allclose(held, (_best(means[1], 8) + _best(means[1], 2)) / 2, atol=1e-4)
+    assert np.linalg.norm(held - _best(means[1], 8)) > 0.03 * np.linalg.norm(means[1])
+    # With edges across groups, client k gets the best rank-r_k approximation of its mix of the means.
+    graph = np.array([[0, 1, 0.2, 0.1], [1, 0, 0.3, 0.2], [0.2, 0.3, 0, 1], [0.1, 0.2, 1, 0]], float)
+    pipe = _pipeline("atlas", HETERO, eta=0.5, adjacency=graph)
+    pipe.aggregate_train(updates)
+    step = 0.5 / graph.sum(axis=1).max()
+    for cid, group in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        others = [means[1 - group] if g != group else means[group] for g in (0, 0, 1, 1)]
+        mix = (1 - step * graph[cid].sum()) * means[group] + step * sum(
+            a * o for a, o in zip(graph[cid], others, strict=True)
+        )
+        np.testing.assert_allclose(_dense(pipe.state_for(cid)[0], m), _best(mix, HETERO[cid][m]), atol=1e-4)
+
+
 def test_laplacian_pulls_clients_of_different_groups_together() -> None:
     def gap(strategy: str) -> float:
         pipe = _pipeline(strategy, UNIFORM, eta=1.0)

@@ -83,6 +83,7 @@ def preset_values(run_config: dict, tiny_models: dict, one_thread: None) -> dict
         "fingerprint-rows": 16,
         "device-scale": 1.0,
         "laplacian-graph": "median",  # the golden results predate the cluster-scaled default
+        "laplacian-input": "held",  # and the untruncated Laplacian input
     }
     values["device-tiers"] = binding_tiers(Config.from_run_config(values))
     return values

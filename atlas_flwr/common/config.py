@@ -52,6 +52,8 @@ OVER_BUDGET = ("shrink", "drop", "train")
 FACTOR_SPLITS = ("balanced", "a-orthonormal")
 #: The Laplacian graph's bandwidth (strategies.pipeline.LAPLACIAN_GRAPHS).
 LAPLACIAN_GRAPHS = ("median", "cluster")
+#: What the Laplacian mixes under exact aggregation (strategies.pipeline.LAPLACIAN_INPUTS).
+LAPLACIAN_INPUTS = ("aggregate", "held")
 
 #: Environment variables that stand in for an empty ``data-dir`` / ``output-dir``.
 DATA_DIR_ENV = "ATLAS_DATA_DIR"
@@ -211,6 +213,7 @@ _RULES: dict[str, _Rule] = {
     "aggregation": _choice(*AGGREGATIONS),
     "laplacian-eta": _float_in(0.0, 1.0),
     "laplacian-graph": _choice(*LAPLACIAN_GRAPHS),
+    "laplacian-input": _choice(*LAPLACIAN_INPUTS),
     "frozen-layers": _choice(*FROZEN_LAYERS),
     "server-lr": _float_in(0.0, 10.0, open_low=True),
     "factor-split": _choice(*FACTOR_SPLITS),
@@ -312,6 +315,7 @@ class Config:
     aggregation: str
     laplacian_eta: float
     laplacian_graph: str
+    laplacian_input: str
     frozen_layers: str
     server_lr: float
     factor_split: str

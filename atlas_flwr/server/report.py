@@ -153,6 +153,7 @@ def run_summary(
             "aggregation": switches.aggregation,
             "laplacian-eta": pipeline.eta,
             "laplacian-graph": cfg.laplacian_graph,
+            "laplacian-input": pipeline.laplacian_input,
             "server-lr": pipeline.server_lr,
             "factor-split": pipeline.factor_split,
             "frozen-layers": cfg.frozen_layers if plan_kinds & {"budget", "shrink"} else "use",

@@ -255,6 +255,7 @@ class AtlasStrategy(Strategy):
             frozen=plan.frozen,
             dropped=plan.dropped,
             prune_gamma=cfg.hetlora_gamma,
+            laplacian_input=cfg.laplacian_input,
         )
         writer.write_json("clusters.json", plan.clusters)
         writer.write_table("ranks", plan.ranks)
