@@ -100,6 +100,21 @@ RANDOM_MODELS = {
         "vocab_size": 50257,
         "n_positions": 512,
         "pad_token_id": 0,
+    },  # Qwen2.5-0.5B's shape (Qwen/Qwen2.5-0.5B config.json), random init: the model of the T4 table (issue 18).
+    # Saved only when a selected config uses it (2 GB in fp32).
+    "qwen2.5-0.5b-random": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-06,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
     },
 }
 #: name, model, batch, seq_len, per-layer ranks[, rank of the frozen adapters on the rank-0 layers].
@@ -121,6 +136,16 @@ CONFIGS = [
     ("minilm-b16-s64-top1-frozen8", "minilm-l6", 16, 64, [0, 0, 0, 0, 0, 8], 8),
     ("minilm-b16-s64-gap", "minilm-l6", 16, 64, [0, 8, 0, 0, 8, 8]),
     ("minilm-b16-s64-gap-frozen8", "minilm-l6", 16, 64, [0, 8, 0, 0, 8, 8], 8),
+    # How the base is held (issue 18): gradient checkpointing and bitsandbytes 8/4-bit linear layers, each
+    # beside minilm-b16-s128-r8 (results in benchmarks/results/memory-base-options; the fit is not redone).
+    ("minilm-b16-s128-r8-ckpt", "minilm-l6", 16, 128, [8] * 6, 0, {"checkpointing": True}),
+    ("minilm-b16-s128-r8-8bit", "minilm-l6", 16, 128, [8] * 6, 0, {"quantization": "8bit"}),
+    ("minilm-b16-s128-r8-4bit", "minilm-l6", 16, 128, [8] * 6, 0, {"quantization": "4bit"}),
+    ("minilm-b16-s128-r8-4bit-ckpt", "minilm-l6", 16, 128, [8] * 6, 0, {"quantization": "4bit", "checkpointing": True}),
+    ("minilm-b16-s128-top2-ckpt", "minilm-l6", 16, 128, [0, 0, 0, 0, 8, 8], 0, {"checkpointing": True}),
+    ("qwen05b-b2-s128-r8", "qwen2.5-0.5b-random", 2, 128, [8] * 24),
+    ("qwen05b-b2-s128-r8-ckpt", "qwen2.5-0.5b-random", 2, 128, [8] * 24, 0, {"checkpointing": True}),
+    ("qwen05b-b2-s128-r8-4bit", "qwen2.5-0.5b-random", 2, 128, [8] * 24, 0, {"quantization": "4bit"}),
 ]
 #: Configs whose measurements fit the two workspace constants (see ``fit_workspace``); the rest are held out.
 FIT = ("minilm-b8-s64-r8", "minilm-b16-s128-r8", "minilm-b32-s128-r8")
@@ -133,6 +158,8 @@ FIELDS = [
     "seq_len",
     "ranks",
     "frozen_rank",
+    "quantization",
+    "checkpointing",
     "pred_frozen_weights",
     "pred_lora_params",
     "pred_lora_grads",
@@ -225,10 +252,23 @@ def child(spec: dict) -> dict:
     cuda = device.type == "cuda"
     _warm_up_runtime(torch, device)
     source = resolve_model(spec["path"])
-    cached = classifier._load_backbone(source.path)  # the process-wide frozen copy (see module docstring)
+    quantization, checkpointing = spec.get("quantization", "none"), spec.get("checkpointing", False)
+    # the process-wide frozen copy (see module docstring)
+    cached = classifier._load_backbone(source.path, "fp32", quantization)
     with torch.no_grad():
         for p in cached.parameters():  # page the memory-mapped safetensors file in (it counts as RssFile)
             p.sum()
+    if quantization != "none":
+        # bitsandbytes loads its kernels and their buffers on the first k-bit step (about 100 MB of RSS, once
+        # per process): one tiny step of a throwaway copy moves that below the baseline, as the warm-up above
+        # does for torch's runtime.
+        probe = classifier.build_classifier(
+            spec["path"], 2, classifier.LoraSettings(rank=1), base=classifier.BaseSettings(quantization=quantization)
+        )
+        probe.train()
+        ids = torch.ones(1, 8, dtype=torch.long)
+        probe(input_ids=ids, attention_mask=ids).sum().backward()
+        del probe
     batch, seq, ranks = spec["batch"], spec["seq_len"], spec["ranks"]
     frozen_rank = spec.get("frozen_rank", 0)
     held = [r or frozen_rank for r in ranks]
@@ -263,7 +303,8 @@ def child(spec: dict) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         baseline = _proc_kib("VmRSS")
 
-    model = classifier.build_classifier(spec["path"], 2, settings)
+    base = classifier.BaseSettings(quantization=quantization, gradient_checkpointing=checkpointing)
+    model = classifier.build_classifier(spec["path"], 2, settings, base=base)
     adapted = sorted(
         {
             int(n.split(".")[n.split(".").index("h" if source.family == "gpt2" else "layer") + 1])
@@ -342,13 +383,15 @@ def count_saved_activation_bytes(model, inputs: dict, device=None) -> tuple[int,
 
 
 # --------------------------------------------------------------------------------------------- parent process
-def prepare_models(tmp: Path) -> dict[str, str]:
-    """Model name -> path for build_classifier (random-init models saved to ``tmp``)."""
+def prepare_models(tmp: Path, names: set[str] | None = None) -> dict[str, str]:
+    """Model name -> path for build_classifier (random-init models saved to ``tmp``; only ``names`` if given)."""
     import torch
     from transformers import AutoConfig, AutoModel
 
     paths = {"minilm-l6": "minilm-l6"}
     for name, cfg in RANDOM_MODELS.items():
+        if names is not None and name not in names:
+            continue
         cfg = dict(cfg)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         torch.manual_seed(0)
@@ -358,7 +401,14 @@ def prepare_models(tmp: Path) -> dict[str, str]:
 
 
 def predict(
-    path: str, batch: int, seq: int, ranks: list[int], device: str = "cpu", frozen_rank: int = 0
+    path: str,
+    batch: int,
+    seq: int,
+    ranks: list[int],
+    device: str = "cpu",
+    frozen_rank: int = 0,
+    quantization: str = "none",
+    checkpointing: bool = False,
 ) -> tuple[str, dict[str, int], int]:
     """Family, predicted breakdown, and the bytes one layer stores (the unit of ``workspace_layers``)."""
     from transformers import AutoConfig
@@ -368,9 +418,10 @@ def predict(
     source = resolve_model(path)
     config = AutoConfig.from_pretrained(source.path).to_dict()
     shape = ModelShape.from_hf_config(config, source.lora_targets)
-    cal, train = Calibration.for_device(device), TrainShape(batch, seq)
+    cal = Calibration.for_device(device)
+    train = TrainShape(batch, seq, quantization=quantization, checkpointing=checkpointing)
     unit = dataclasses.replace(cal, workspace_layers=1.0, workspace_bytes=0.0)
-    layer = predict_peak_bytes(shape, train, ranks, "adamw", unit)["workspace"]
+    layer = predict_peak_bytes(shape, TrainShape(batch, seq), ranks, "adamw", unit)["workspace"]
     return source.family, predict_peak_bytes(shape, train, ranks, "adamw", cal, frozen_rank), layer
 
 
@@ -388,10 +439,19 @@ def fit_workspace(rows: list[dict]) -> dict:
 
 
 def run_config(
-    name: str, model: str, path: str, batch: int, seq: int, ranks: list[int], args, frozen_rank: int = 0
+    name: str,
+    model: str,
+    path: str,
+    batch: int,
+    seq: int,
+    ranks: list[int],
+    args,
+    frozen_rank: int = 0,
+    options: dict | None = None,
 ) -> dict:
     spec = {"path": path, "batch": batch, "seq_len": seq, "ranks": ranks, "steps": args.steps, "threads": args.threads}
     spec["frozen_rank"] = frozen_rank
+    spec |= options or {}
     spec["device"] = args.device
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -418,6 +478,8 @@ def run_config(
         "seq_len": seq,
         "ranks": " ".join(map(str, ranks)),
         "frozen_rank": frozen_rank,
+        "quantization": spec.get("quantization", "none"),
+        "checkpointing": spec.get("checkpointing", False),
         "measured": result["measured"],
         "counted_activations": result["counted_activations"],
         "counted_weight_casts": result["counted_weight_casts"],
@@ -443,7 +505,11 @@ def _with_prediction(row: dict, path: str, device: str) -> dict:
     """``row`` (a measurement) with the current model's prediction and errors."""
     ranks = [int(r) for r in str(row["ranks"]).split()]
     frozen_rank = int(row.get("frozen_rank") or 0)  # absent from results measured before the column
-    family, pred, layer = predict(path, int(row["batch"]), int(row["seq_len"]), ranks, device, frozen_rank)
+    quantization = row.get("quantization") or "none"
+    checkpointing = str(row.get("checkpointing")) == "True"
+    family, pred, layer = predict(
+        path, int(row["batch"]), int(row["seq_len"]), ranks, device, frozen_rank, quantization, checkpointing
+    )
     measured, counted = int(row["measured"]), int(row["counted_activations"])
     return {
         **row,
@@ -475,7 +541,7 @@ def rescore(args) -> None:
     if measured_on != args.device:
         raise SystemExit(f"{args.out} was measured on {measured_on}: rescore it with --device {measured_on}")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = prepare_models(Path(tmp))
+        paths = prepare_models(Path(tmp), {row["model"] for row in meta["rows"]})
         rows = [_with_prediction(row, paths[row["model"]], args.device) for row in meta["rows"]]
     meta |= {
         "rows": rows,
@@ -530,9 +596,9 @@ def main() -> None:
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = prepare_models(Path(tmp))
-        for name, model, batch, seq, ranks, *frozen in configs:
-            row = run_config(name, model, paths[model], batch, seq, ranks, args, *frozen)
+        paths = prepare_models(Path(tmp), {c[1] for c in configs})
+        for name, model, batch, seq, ranks, *extra in configs:
+            row = run_config(name, model, paths[model], batch, seq, ranks, args, *extra)
             print(
                 f"{name}: predicted {row['predicted'] / 1e6:.1f} MB, measured {row['measured'] / 1e6:.1f} MB, "
                 f"error {row['rel_error']:+.1%}",

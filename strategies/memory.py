@@ -119,6 +119,14 @@ class Calibration:
     # out: two heterogeneous-rank MiniLM configs, an 8-layer BERT and a GPT-2 (all within 3%).
     workspace_layers: float = 0.25  # in units of one layer's saved activations
     workspace_bytes: float = 8e6  # fixed: allocator slack, logits, library buffers (a CUDA context excluded)
+    # Under gradient checkpointing the peak moves into the backward pass: one recomputed layer's saved tensors
+    # plus its gradient temporaries (the s x s score gradients among them), in units of one layer's saved
+    # activations. Fitted on minilm-b16-s128-r8-ckpt (benchmarks/results/memory-base-options); the CUDA value
+    # is the CPU's until it is measured there.
+    checkpoint_layers: float = 0.26
+    # Per b*s*width of each distinct 8-bit linear input, in elements of dtype_bytes: what bitsandbytes' 8-bit
+    # matmul keeps for backward (CPU: the fp32 input, measured; CUDA: taken as its fp16 copy, not measured).
+    int8_saved_inputs: float = 1.0
     adapter_bytes: int = 4  # bytes per LoRA parameter, gradient and optimizer moment (PEFT keeps them fp32)
     weight_cast_bytes: float = 0.0  # per frozen linear weight a gradient flows through: autocast's fp16 copy
     fp16_autocast: bool = False  # FFN activations as FFN_ACTIVATION_SAVES_FP16_AUTOCAST counts them
@@ -150,6 +158,7 @@ class Calibration:
                 mask_lora_input=1.0,
                 act_lora_rank=0.5,
                 weight_cast_bytes=2.0,
+                int8_saved_inputs=0.5,
                 fp16_autocast=True,
                 workspace_layers=CUDA_WORKSPACE_LAYERS,
                 workspace_bytes=CUDA_WORKSPACE_BYTES,
@@ -157,20 +166,46 @@ class Calibration:
         raise ValueError(f"device {device!r} is invalid: expected 'cpu' or 'cuda'")
 
 
+#: Bytes per weight of a k-bit linear layer (bitsandbytes, as ``quantization`` loads it), and per block of
+#: ``blocksize`` weights for its fp32 scale: LLM.int8 keeps one int8 per weight and an fp32 scale per output
+#: row (a block of ``in_features``); NF4 packs two weights per byte with an fp32 absmax per 64 weights
+#: (``bnb_4bit_use_double_quant = false``). Biases, embeddings and norms stay in the base dtype.
+QUANTIZED_WEIGHT_BYTES = {"8bit": (1.0, None), "4bit": (0.5, 64)}
+
+
 @dataclass(frozen=True)
 class TrainShape:
     """One training step: ``batch`` sequences of ``seq_len`` tokens, frozen weights and activations in
-    ``dtype_bytes`` (4 = fp32)."""
+    ``dtype_bytes`` (4 = fp32).
+
+    ``weight_bytes`` is the frozen base's bytes per parameter when it differs from the activations' (0: the
+    same): a 16-bit base under CUDA's fp16 autocast, whose activations the CUDA calibration already counts
+    in fp16. ``quantization`` (``none``, ``8bit``, ``4bit``) stores the layers' linear weights as
+    bitsandbytes does; ``checkpointing`` (gradient checkpointing) keeps only each layer's input for
+    backward and recomputes one layer at a time.
+    """
 
     batch: int
     seq_len: int
     dtype_bytes: int = 4
+    quantization: str = "none"
+    checkpointing: bool = False
+    weight_bytes: int = 0
+
+    @property
+    def base_bytes(self) -> int:
+        """Bytes per frozen base parameter that is not quantized."""
+        return self.weight_bytes or self.dtype_bytes
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq_len", "dtype_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainShape.{name}={value!r} is invalid: expected a positive integer")
+        if self.weight_bytes not in (0, 1, 2, 4, 8):
+            raise ValueError(f"TrainShape.weight_bytes={self.weight_bytes!r} is invalid: expected 0, 1, 2, 4 or 8")
+        if self.quantization != "none" and self.quantization not in QUANTIZED_WEIGHT_BYTES:
+            raise ValueError(f"TrainShape.quantization={self.quantization!r} is invalid: expected none, 8bit or 4bit")
 
 
 @dataclass(frozen=True)
@@ -294,6 +329,23 @@ class ModelShape:
         pairs = tuple(_target_shape(probe, t) for t in targets)
         return cls(**shape, lora_targets_per_layer=pairs, target_names=names)
 
+    def linear_weight_bytes_per_layer(self, train: TrainShape) -> float:
+        """Bytes of a layer's linear weights as ``train`` stores them (quantized or in its dtype)."""
+        if train.quantization == "none":
+            return float(self.linear_weights_per_layer() * train.base_bytes)
+        per_weight, block = QUANTIZED_WEIGHT_BYTES[train.quantization]
+        total = 0.0
+        for fan_in, fan_out in self.linear_shapes_per_layer():
+            scales = fan_out if block is None else -(-fan_in * fan_out // block)  # one fp32 scale per row/block
+            total += fan_in * fan_out * per_weight + 4 * scales
+        return total
+
+    def linear_shapes_per_layer(self) -> list[tuple[int, int]]:
+        """``(in, out)`` of a layer's linear projections: Q, K, V, O and the FFN's two (three when gated)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        ffn = [(h, i), (h, i), (i, h)] if self.gated_ffn else [(h, i), (i, h)]
+        return [(h, q), (h, kv), (h, kv), (q, h), *ffn]
+
     def linear_weights_per_layer(self) -> int:
         """Weight elements of a layer's linear projections (attention and FFN, biases excluded)."""
         attn = 2 * self.hidden * self.q_dim + 2 * self.hidden * self.kv_dim
@@ -381,18 +433,61 @@ def predict_peak_bytes(
         for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
         if frozen_rank and not r
     )
+    linear = model.num_layers * model.linear_weights_per_layer()
+    if train.checkpointing:
+        # Kept for backward: each layer's input from the first adapted layer up; then one layer at a time is
+        # recomputed with everything it saves (its adapters' activations too), the largest one at the peak.
+        layer_lora = [
+            sum(
+                lora_activation_bytes(train, cal, i, r)
+                for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
+                if r
+            )
+            + sum(
+                frozen_lora_activation_bytes(train, cal, i)
+                for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
+                if frozen_rank and not r
+            )
+            for layer in ranks[first:]
+        ]
+        inputs = stored_layers * train.batch * train.seq_len * model.hidden * train.dtype_bytes
+        recomputed = per_layer + kbit_input_bytes(model, train, cal) + max(layer_lora) if layer_lora else 0
+        activations = inputs + recomputed
+    else:
+        activations = stored_layers * (per_layer + kbit_input_bytes(model, train, cal)) + lora_acts
     parts = {
-        "frozen_weights": model.frozen_param_count() * train.dtype_bytes,
+        "frozen_weights": round(
+            (model.frozen_param_count() - linear) * train.base_bytes
+            + model.num_layers * model.linear_weight_bytes_per_layer(train)
+        ),
         "lora_params": (lora + frozen) * cal.adapter_bytes,
         "lora_grads": lora * cal.adapter_bytes,
         "optimizer_state": OPTIMIZER_STATES[optimizer] * lora * cal.adapter_bytes,
-        "activations": stored_layers * per_layer + lora_acts,
-        # Rounded per layer, as _Costs adds it, so the two stay equal to the byte.
-        "weight_casts": stored_layers * round(model.linear_weights_per_layer() * cal.weight_cast_bytes),
-        "workspace": round(cal.workspace_bytes + cal.workspace_layers * per_layer),
+        "activations": activations,
+        # Rounded per layer, as _Costs adds it, so the two stay equal to the byte. A k-bit or 16-bit base
+        # needs no fp16 copy (k-bit weights are dequantized a matrix at a time, inside the matmul).
+        "weight_casts": stored_layers * round(model.linear_weights_per_layer() * weight_cast_bytes(train, cal)),
+        "workspace": round(
+            cal.workspace_bytes + (cal.workspace_layers + cal.checkpoint_layers * train.checkpointing) * per_layer
+        ),
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def kbit_input_bytes(model: ModelShape, train: TrainShape, cal: Calibration) -> int:
+    """Bytes a layer's 8-bit linear layers keep for backward: bitsandbytes' ``MatMul8bitFp`` (its CPU training
+    path, 0.50) holds every input, frozen weight or not; Q, K and V share one, as do a gated FFN's gate and up.
+    """
+    if train.quantization != "8bit":
+        return 0
+    widths = model.hidden + model.q_dim + model.hidden + model.intermediate  # QKV, O, FFN in, FFN out
+    return round(train.batch * train.seq_len * widths * train.dtype_bytes * cal.int8_saved_inputs)
+
+
+def weight_cast_bytes(train: TrainShape, cal: Calibration) -> float:
+    """Bytes per frozen linear weight of autocast's fp16 copy: only an fp32, unquantized base needs one."""
+    return cal.weight_cast_bytes if train.quantization == "none" and train.base_bytes == 4 else 0.0
 
 
 def layer_activation_bytes(model: ModelShape, train: TrainShape, cal: Calibration) -> int:

@@ -15,8 +15,10 @@ from strategies.memory import (
     ModelShape,
     TrainShape,
     frozen_lora_activation_bytes,
+    kbit_input_bytes,
     layer_activation_bytes,
     predict_peak_bytes,
+    weight_cast_bytes,
 )
 
 
@@ -178,14 +180,21 @@ class _Costs:
         frozen_rank: int = 0,
     ):
         self.num_layers = model.num_layers
+        # Under gradient checkpointing the recomputed layer's adapters set the peak (a max, not a sum), so
+        # totals come from the model itself; the allocator then takes O(layers^2) per step, still small.
+        self._exact = (
+            (lambda ranks: predict_peak_bytes(model, train, list(ranks), optimizer, cal, frozen_rank)["total"])
+            if train.checkpointing
+            else None
+        )
         # A frozen adapter's parameters are in the base and in layer_cost (adapting a layer replaces them);
         # its mask counts only in the layers at or above the first trained one.
         self.frozen_mask = frozen_rank and sum(
             frozen_lora_activation_bytes(train, cal, i) for i, _ in model.lora_targets_per_layer
         )
         # What a layer that a gradient flows through stores: activations and autocast's weight copies.
-        casts = round(model.linear_weights_per_layer() * cal.weight_cast_bytes)
-        self.per_layer = layer_activation_bytes(model, train, cal) + casts
+        casts = round(model.linear_weights_per_layer() * weight_cast_bytes(train, cal))
+        self.per_layer = layer_activation_bytes(model, train, cal) + casts + kbit_input_bytes(model, train, cal)
         self.base = predict_peak_bytes(model, train, [0] * model.num_layers, optimizer, cal, frozen_rank)["total"]
         # The cost of a rank in one layer, read off the full model: adapt only the top layer (which then
         # keeps its own activations) and subtract those.
@@ -198,6 +207,8 @@ class _Costs:
         }
 
     def total(self, ranks: Sequence[int]) -> int:
+        if self._exact is not None:
+            return self._exact(ranks)
         first = next((layer for layer, r in enumerate(ranks) if r), self.num_layers)
         frozen_above = sum(1 for r in ranks[first:] if not r)
         return (
@@ -209,6 +220,8 @@ class _Costs:
 
     def delta(self, ranks: Sequence[int], first: int, layer: int, rank: int) -> int:
         """Extra bytes of raising ``layer`` to ``rank``, where ``first`` is the first adapted layer (or L)."""
+        if self._exact is not None:
+            return self._exact(_with(ranks, layer, rank)) - self._exact(ranks)
         stored = (first - layer) * self.per_layer if layer < first else 0
         masks = 0
         if self.frozen_mask and not ranks[layer]:

@@ -223,14 +223,25 @@ def test_binding(minilm: ModelShape) -> None:
     assert unused.ranks == [0, 0, 32, 32, 32, 32] and not unused.binding
 
 
-@pytest.mark.parametrize("frozen_rank", [0, 8])
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_candidate_ranks_and_costs_agree_with_predict(minilm: ModelShape, device: str, frozen_rank: int) -> None:
+@pytest.mark.parametrize(
+    ("device", "frozen_rank", "quantization"),
+    [
+        ("cpu", 0, "none"),
+        ("cpu", 8, "none"),
+        ("cpu", 8, "8bit"),
+        ("cuda", 0, "none"),
+        ("cuda", 8, "none"),
+        ("cuda", 8, "4bit"),
+    ],
+)
+def test_candidate_ranks_and_costs_agree_with_predict(
+    minilm: ModelShape, device: str, frozen_rank: int, quantization: str
+) -> None:
     alloc = allocate_ranks(minilm, TrainShape(16, 128), "1TB", [1] * 6, candidate_ranks=(3, 12))
     assert alloc.ranks == [12] * 6
     ladder = [0, 1, 2, 4, 8, 16, 32]
     cal = Calibration.for_device(device)
-    train = TrainShape(16, 128)
+    train = TrainShape(16, 128, quantization=quantization)
     costs = _Costs(minilm, train, cal, "adamw", ladder, frozen_rank)
     rng = random.Random(0)
     for _ in range(50):
@@ -435,3 +446,72 @@ def test_plan_split_ranks_keeps_the_deepest_cut_that_still_adapts_every_client_b
     assert fixed == 2 and fixed_ranks[:2] == [8, 8]
     with pytest.raises(ValueError, match="cannot adapt the client's blocks at any cut"):
         plan_split_ranks(minilm, train, 1_000_000, weights, max_rank=8)
+
+
+QWEN25_05B = {  # Qwen/Qwen2.5-0.5B config.json, the keys that size the model
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06,
+    "hidden_act": "silu",
+}
+
+
+def test_kbit_weights_are_priced_per_weight_and_per_scale() -> None:
+    qwen = ModelShape.from_hf_config(QWEN25_05B, ["q_proj", "v_proj"])
+    h, i, kv, layers = 896, 4864, 128, 24
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    rest = qwen.frozen_param_count() - linear  # embeddings, norms, biases: kept in the base dtype
+    ranks = [8] * layers
+    weights = {
+        q: predict_peak_bytes(qwen, TrainShape(4, 256, quantization=q), ranks)["frozen_weights"]
+        for q in ("none", "8bit", "4bit")
+    }
+    assert weights["none"] == 4 * qwen.frozen_param_count()
+    rows = layers * (h + kv + kv + h + i + i + h)  # LLM.int8: one fp32 scale per output row
+    assert weights["8bit"] == 4 * rest + linear + 4 * rows
+    assert weights["4bit"] == round(4 * rest + 0.5 * linear + 4 * linear / 64)  # NF4: fp32 absmax per 64
+    # bitsandbytes' 8-bit CPU training path keeps each linear input (QKV share one): 4 widths per layer.
+    acts = {
+        q: predict_peak_bytes(qwen, TrainShape(4, 256, quantization=q), ranks)["activations"] for q in ("none", "8bit")
+    }
+    assert acts["8bit"] - acts["none"] == layers * 4 * 256 * (h + h + h + i) * 4
+    # Only an fp32 base needs autocast's fp16 weight copies.
+    cuda = Calibration.for_device("cuda")
+    casts = {
+        q: predict_peak_bytes(qwen, TrainShape(4, 256, quantization=q), ranks, calibration=cuda)["weight_casts"]
+        for q in ("none", "4bit")
+    }
+    assert casts["none"] == 2 * linear and casts["4bit"] == 0
+    fp16_base = TrainShape(4, 256, weight_bytes=2)
+    assert predict_peak_bytes(qwen, fp16_base, ranks, calibration=cuda)["weight_casts"] == 0
+    assert predict_peak_bytes(qwen, fp16_base, ranks)["frozen_weights"] == 2 * qwen.frozen_param_count()
+
+
+def test_checkpointing_keeps_layer_inputs_and_recomputes_one_layer(minilm: ModelShape) -> None:
+    from strategies.memory import layer_activation_bytes, lora_activation_bytes
+
+    cal = Calibration()
+    for ranks, stored in (([8] * 6, 6), ([0, 0, 0, 0, 4, 16], 2)):
+        plain = predict_peak_bytes(minilm, TrainShape(16, 128), ranks)
+        ckpt = predict_peak_bytes(minilm, TrainShape(16, 128, checkpointing=True), ranks)
+        per_layer = layer_activation_bytes(minilm, TrainShape(16, 128), cal)
+        top = max(2 * lora_activation_bytes(TrainShape(16, 128), cal, 384, r) for r in ranks if r)
+        assert ckpt["activations"] == stored * 16 * 128 * 384 * 4 + per_layer + top
+        assert ckpt["activations"] < plain["activations"]
+        moved = ("activations", "workspace", "total")  # the peak moves into backward: a larger workspace
+        assert {k: v for k, v in ckpt.items() if k not in moved} == {k: v for k, v in plain.items() if k not in moved}
+        assert ckpt["workspace"] == round(
+            cal.workspace_bytes + (cal.workspace_layers + cal.checkpoint_layers) * per_layer
+        )
+    # A budget that binds without checkpointing buys larger ranks with it; the allocator prices the same way.
+    budget = predict_peak_bytes(minilm, TrainShape(16, 128), [0, 0, 0, 0, 8, 8])["total"]
+    without = allocate_ranks(minilm, TrainShape(16, 128), budget, [1] * 6)
+    with_ckpt = allocate_ranks(minilm, TrainShape(16, 128, checkpointing=True), budget, [1] * 6)
+    assert sum(with_ckpt.ranks) > sum(without.ranks) and with_ckpt.predicted["total"] <= budget
+    assert with_ckpt.predicted == predict_peak_bytes(minilm, TrainShape(16, 128, checkpointing=True), with_ckpt.ranks)

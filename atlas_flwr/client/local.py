@@ -32,6 +32,7 @@ from atlas_flwr.data import (
     tokenize,
 )
 from atlas_flwr.models.classifier import (
+    BaseSettings,
     LoraSettings,
     SequenceClassifier,
     adapter_state,
@@ -104,7 +105,12 @@ def client_data(cfg: Config, client_id: int) -> ClientData:
 def new_model(cfg: Config, task: str, lora: LoraSettings | None = None) -> SequenceClassifier:
     """A classifier for ``task`` with the run's model and LoRA settings (seeded by the run seed)."""
     return build_classifier(
-        cfg.model, task_spec(task).num_labels, lora or lora_settings(cfg), pooling=cfg.pooling, seed=cfg.seed
+        cfg.model,
+        task_spec(task).num_labels,
+        lora or lora_settings(cfg),
+        pooling=cfg.pooling,
+        seed=cfg.seed,
+        base=BaseSettings(cfg.base_dtype, cfg.quantization, cfg.gradient_checkpointing),
     )
 
 

@@ -135,6 +135,9 @@ def train_local(
             total += loss.item() * len(labels)
             seen += len(labels)
             steps += 1
+            # Free the graph before the next forward: backward frees what autograd saved, but not what a custom
+            # Function keeps on its ctx (bitsandbytes' 8-bit matmul keeps every input there).
+            del loss, objective
     model.eval()
     return TrainResult(total / max(seen, 1), seen // max(epochs, 1), steps, time.perf_counter() - start)
 

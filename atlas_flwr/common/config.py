@@ -37,6 +37,9 @@ PARTITIONERS = ("iid", "dirichlet")
 POOLINGS = ("mean", "cls", "last")
 #: Pad each batch to its own longest row (3.5x faster on CPU) or to ``max-length`` (static shapes).
 PADDINGS = ("longest", "max-length")
+#: How the frozen base model is held: its dtype, and k-bit quantization of its linear layers (bitsandbytes).
+BASE_DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "8bit", "4bit")
 DEVICES = ("auto", "cpu", "cuda")
 WORKLOADS = ("glue", "eurosat")
 #: Wire precision of both workloads, and the EuroSAT compute precision (atlas_flwr/common/codec.py).
@@ -196,6 +199,9 @@ _RULES: dict[str, _Rule] = {
     "model": _Rule(str, bool, "a model alias or a local model directory"),
     "pooling": _choice(*POOLINGS),
     "max-length": _int_at_least(8),
+    "base-dtype": _choice(*BASE_DTYPES),
+    "quantization": _choice(*QUANTIZATIONS),
+    "gradient-checkpointing": _Rule(bool, allowed="true or false"),
     "padding": _choice(*PADDINGS),
     "lora-rank": _int_at_least(1),
     "lora-alpha": _float_in(0.0, 1e6, open_low=True),
@@ -298,6 +304,9 @@ class Config:
     model: str
     pooling: str
     max_length: int
+    base_dtype: str
+    quantization: str
+    gradient_checkpointing: bool
     padding: str
     lora_rank: int
     lora_alpha: float

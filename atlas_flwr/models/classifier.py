@@ -30,6 +30,50 @@ from transformers import (
 from atlas_flwr.common.errors import ModelError
 from atlas_flwr.models.registry import ModelSource, resolve_model
 
+#: The torch dtype of each ``base-dtype``.
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BaseSettings:
+    """How the frozen base model is held: dtype, k-bit quantization (bitsandbytes) and recomputation.
+
+    LoRA factors and the head stay fp32 whatever the base holds (PEFT casts adapters up), so the
+    server aggregates the same records either way.
+    """
+
+    dtype: str = "fp32"
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in BASE_DTYPES:
+            raise ModelError(f"base dtype {self.dtype!r} is invalid: expected one of {', '.join(BASE_DTYPES)}")
+        if self.quantization not in ("none", "8bit", "4bit"):
+            raise ModelError(f"quantization {self.quantization!r} is invalid: expected none, 8bit or 4bit")
+
+
+def quantization_config(quantization: str, dtype: str) -> object | None:
+    """transformers' ``BitsAndBytesConfig`` for ``8bit`` or ``4bit`` (NF4, compute in ``dtype``); None for none."""
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; fail here with the fix in the message)
+    except ImportError as err:
+        raise ModelError(
+            f"quantization {quantization!r} needs bitsandbytes: pip install 'atlas-flwr[kbit]' (or bitsandbytes)"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=BASE_DTYPES[dtype],
+        bnb_4bit_use_double_quant=False,
+    )
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -105,13 +149,23 @@ class SequenceClassifier(nn.Module):
         if token_type_ids is not None and self._accepts_token_types:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**kwargs).last_hidden_state
-        return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
+        pooled = pool(hidden, attention_mask, self.pooling).to(self.head.weight.dtype)  # a bf16/fp16 base
+        return self.head(self.dropout(pooled))
 
 
 @lru_cache(maxsize=4)
-def _load_backbone(path: str) -> PreTrainedModel:
+def _load_backbone(path: str, dtype: str = "fp32", quantization: str = "none") -> PreTrainedModel:
     # Cached per process: every message builds its model from this frozen copy.
-    model = AutoModel.from_pretrained(path)
+    kwargs: dict = {"dtype": BASE_DTYPES[dtype]}
+    quantized = quantization_config(quantization, dtype)
+    if quantized is not None:  # bitsandbytes quantizes as it loads; it places the weights itself
+        kwargs |= {"quantization_config": quantized, "device_map": "cpu"}
+    model = AutoModel.from_pretrained(path, **kwargs)
+    for module in model.modules():
+        # bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel on the first no-grad eval
+        # forward: the packed layout then breaks training (and layers narrower than a 64-block). Keep one layout.
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     model.requires_grad_(False)
     return model.eval()
 
@@ -142,11 +196,22 @@ def lora_config(source: ModelSource, lora: LoraSettings) -> LoraConfig:
 
 
 def build_classifier(
-    name: str, num_labels: int, lora: LoraSettings, *, pooling: str = "mean", seed: int = 0
+    name: str,
+    num_labels: int,
+    lora: LoraSettings,
+    *,
+    pooling: str = "mean",
+    seed: int = 0,
+    base: BaseSettings = BaseSettings(),
 ) -> SequenceClassifier:
     """A fresh classifier; the LoRA and head initialisation depend on ``seed`` only."""
     source = resolve_model(name)
-    backbone = copy.deepcopy(_load_backbone(source.path))
+    backbone = copy.deepcopy(_load_backbone(source.path, base.dtype, base.quantization))
+    if base.gradient_checkpointing:
+        if not backbone.supports_gradient_checkpointing:
+            raise ModelError(f"model {name!r} ({source.family}) does not support gradient checkpointing")
+        # Non-reentrant: the frozen embeddings' output needs no grad, and LoRA inside still gets gradients.
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if backbone.config.pad_token_id is None:
         backbone.config.pad_token_id = load_tokenizer(name).pad_token_id
     hidden = backbone.config.hidden_size

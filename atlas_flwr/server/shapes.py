@@ -19,6 +19,20 @@ def model_shape(cfg: Config) -> ModelShape:
     return ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)
 
 
+#: Bytes per parameter of each ``base-dtype``.
+BASE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
 def train_shape(cfg: Config) -> TrainShape:
-    """The largest training step a client runs: a full batch padded to ``max-length``."""
-    return TrainShape(batch=cfg.batch_size, seq_len=cfg.max_length)
+    """The largest training step a client runs: a full batch padded to ``max-length``, the base as held.
+
+    Activations are priced in the calibrations' units (fp32 on the CPU, fp16 autocast on CUDA) whatever the
+    base dtype: on the CPU a 16-bit base keeps 16-bit activations, so its prediction is an upper bound.
+    """
+    return TrainShape(
+        batch=cfg.batch_size,
+        seq_len=cfg.max_length,
+        quantization=cfg.quantization,
+        checkpointing=cfg.gradient_checkpointing,
+        weight_bytes=BASE_DTYPE_BYTES[cfg.base_dtype],
+    )
