@@ -219,16 +219,22 @@ def _warm_up_runtime(torch, device) -> None:
         torch.cuda.synchronize()
 
 
+def _layer_key(family: str) -> str:
+    """The module-path part before a block's index: GPT-2 ``h.3``, LLaMA/Qwen2 ``layers.3``, BERT ``layer.3``."""
+    return {"gpt2": "h", "qwen2": "layers", "llama": "layers"}.get(family, "layer")
+
+
 def _exclusion_regex(family: str, ranks: list[int], targets: list[str]) -> str | None:
     zero = [str(i) for i, r in enumerate(ranks) if r == 0]
     if not zero:
         return None
-    layer = r"h\.({})\.attn" if family == "gpt2" else r"layer\.({})\..*"
+    layer = r"h\.({})\.attn" if family == "gpt2" else _layer_key(family) + r"\.({})\..*"
     return rf".*{layer.format('|'.join(zero))}\.({'|'.join(targets)})$"
 
 
 def _rank_pattern(family: str, ranks: list[int], targets: list[str]) -> dict[str, int]:
-    prefix = "h.{}.attn.{}" if family == "gpt2" else "layer.{}.attention.self.{}"
+    prefixes = {"gpt2": "h.{}.attn.{}", "qwen2": "layers.{}.self_attn.{}", "llama": "layers.{}.self_attn.{}"}
+    prefix = prefixes.get(family, "layer.{}.attention.self.{}")
     return {prefix.format(i, t): r for i, r in enumerate(ranks) if r for t in targets}
 
 
@@ -305,16 +311,11 @@ def child(spec: dict) -> dict:
 
     base = classifier.BaseSettings(quantization=quantization, gradient_checkpointing=checkpointing)
     model = classifier.build_classifier(spec["path"], 2, settings, base=base)
-    adapted = sorted(
-        {
-            int(n.split(".")[n.split(".").index("h" if source.family == "gpt2" else "layer") + 1])
-            for n, _ in _lora(model)
-        }
-    )
+    adapted = sorted({int(n.split(".")[n.split(".").index(_layer_key(source.family)) + 1]) for n, _ in _lora(model)})
     expected = [i for i, r in enumerate(held) if r]
     if adapted != expected:
         raise RuntimeError(f"adapted layers {adapted} != expected {expected}")
-    layer_key = "h" if source.family == "gpt2" else "layer"
+    layer_key = _layer_key(source.family)
     for name, param in model.named_parameters():  # as run_train freezes the modules it is told to
         parts = name.split(".")
         if ".lora_" in name and not ranks[int(parts[parts.index(layer_key) + 1])]:

@@ -38,6 +38,8 @@ declare -A extra=(
   [fedavg-cluster+drop]="over-budget=\"drop\""
   # The Laplacian after the protocol v2 runs (HEAD's defaults): the cluster graph over untruncated group means.
   [atlas+graph-cluster+aggregate]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\""
+  # Client-level DP on updates and fingerprints (issue 20): z = 1 on both, epsilon 10.7 at delta 1e-5 over 3 rounds.
+  [atlas+graph-cluster+aggregate+dp-z1]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" dp-clip=1.0 dp-noise=1.0 fingerprint-noise=1.0"
   # The Laplacian lever: the graph's bandwidth from the pairs inside a group (commit after d592403).
   [atlas+graph-cluster]="laplacian-graph=\"cluster\""
   [atlas+eta-0.1]="laplacian-eta=0.1"
