@@ -233,6 +233,10 @@ class ModelShape:
     ffn_activation : str
         The FFN activation as transformers names it (``hidden_act``, GPT-2's ``activation_function``,
         DistilBERT's ``activation``): how many width-``i`` tensors it keeps (:data:`FFN_ACTIVATION_SAVES`).
+    dropout : bool
+        Whether the blocks drop out (BERT, GPT-2). LLaMA-style blocks have no hidden dropout and, at
+        ``attention_dropout = 0``, SDPA runs its fused kernel: no masks and no ``s x s`` tensors are kept
+        (measured on Qwen2.5-0.5B's shape, ``benchmarks/results/memory-base-options``).
     """
 
     num_layers: int
@@ -253,6 +257,7 @@ class ModelShape:
     mlp_bias: bool = True
     rms_norm: bool = False
     ffn_activation: str = "gelu"
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden", "intermediate", "num_heads", "vocab", "max_positions"):
@@ -323,6 +328,7 @@ class ModelShape:
             "ffn_activation": str(
                 config.get("hidden_act") or config.get("activation_function") or config.get("activation") or "gelu"
             ),
+            "dropout": not llama_like or float(config.get("attention_dropout") or 0.0) > 0,
         }
         names = tuple(t if isinstance(t, str) else f"target{j}" for j, t in enumerate(targets))
         probe = cls(**shape, lora_targets_per_layer=((1, 1),))  # only to size the named targets
@@ -500,8 +506,10 @@ def layer_activation_bytes(model: ModelShape, train: TrainShape, cal: Calibratio
         inter = FFN_ACTIVATION_SAVES_FP16_AUTOCAST[model.ffn_activation]
     else:
         inter = cal.act_intermediate * FFN_ACTIVATION_SAVES.get(model.ffn_activation, 1.0)
+    if not model.dropout:  # nothing to mask, and SDPA's fused kernel keeps no s x s tensor
+        scores = 0
     elements = cal.act_hidden * tokens * model.hidden + inter * tokens * model.intermediate + cal.act_attn * scores
-    masks = cal.mask_hidden * tokens * model.hidden + cal.mask_attn * scores
+    masks = (cal.mask_hidden * tokens * model.hidden if model.dropout else 0) + cal.mask_attn * scores
     return round(d * (elements + cal.act_norm_stats * tokens) + masks)
 
 

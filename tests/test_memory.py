@@ -515,3 +515,19 @@ def test_checkpointing_keeps_layer_inputs_and_recomputes_one_layer(minilm: Model
     with_ckpt = allocate_ranks(minilm, TrainShape(16, 128, checkpointing=True), budget, [1] * 6)
     assert sum(with_ckpt.ranks) > sum(without.ranks) and with_ckpt.predicted["total"] <= budget
     assert with_ckpt.predicted == predict_peak_bytes(minilm, TrainShape(16, 128, checkpointing=True), with_ckpt.ranks)
+
+
+def test_blocks_without_dropout_keep_no_masks_and_no_score_tensors() -> None:
+    from strategies.memory import layer_activation_bytes
+
+    qwen = ModelShape.from_hf_config(QWEN25_05B, ["q_proj", "v_proj"])
+    dropping = ModelShape.from_hf_config(QWEN25_05B | {"attention_dropout": 0.1}, ["q_proj", "v_proj"])
+    assert not qwen.dropout and dropping.dropout and ModelShape.from_hf_config(MINILM, ["query", "value"]).dropout
+    train, cal = TrainShape(2, 128), Calibration()
+    tokens = 2 * 128
+    # Q, K, V and the two norm inputs (fp32), gate/up/SiLU outputs, the norm statistics: nothing else.
+    kept = 4 * (5 * tokens * 896 + 3 * tokens * 4864 + 4 * tokens)
+    assert layer_activation_bytes(qwen, train, cal) == kept
+    scores = 2 * 14 * 128 * 128
+    masks = 8 * tokens * 896 + 4 * scores
+    assert layer_activation_bytes(dropping, train, cal) == kept + 4 * 2 * scores + masks
