@@ -40,6 +40,10 @@ SWITCHES = {
     "frozen-layers": "use",
     "over-budget": "shrink",
 }
+#: The Laplacian's graph and input, named together in a label (``atlas+laplacian=median,held``) when either
+#: differs from the default, and only when the step runs (``laplacian-eta`` > 0 in the summary). A run made
+#: before a switch existed lacks its key and did what the second value says.
+LAPLACIAN_SWITCHES = {"laplacian-graph": ("cluster", "median"), "laplacian-input": ("aggregate", "held")}
 #: Switches whose value as the run used it is in its summary: a method that does not use one records its
 #: neutral value there (no server step without aggregation, no frozen layers without budget ranks).
 EFFECTIVE = ("server-lr", "frozen-layers", "over-budget")
@@ -86,6 +90,10 @@ def method_label(run_config: dict[str, Any], effective: dict[str, Any] | None = 
             value = effective[key]
         if value != default:
             label += f"+{key}={value}"
+    laplacian = [str(run_config.get(key, before)) for key, (_, before) in LAPLACIAN_SWITCHES.items()]
+    stepped = bool(effective) and float(effective.get("laplacian-eta", 0.0)) > 0
+    if stepped and laplacian != [default for default, _ in LAPLACIAN_SWITCHES.values()]:
+        label += "+laplacian=" + ",".join(laplacian)
     return label
 
 

@@ -136,7 +136,7 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
 #: The generated sections of docs/results.md: the runs each is made of, the reference method, the marker name.
 README_REPORTS = [
     (["benchmarks/results/protocol"], "fedavg", "protocol"),
-    (["benchmarks/results/quality"], "atlas", "quality"),
+    (["benchmarks/results/quality"], "atlas+laplacian=median,held", "quality"),
     (["benchmarks/results/protocol-v2"], "fedavg-cluster", "protocol-v2"),
     (
         [
