@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from atlas_flwr.client.device import device_profile, injected_failure
 from atlas_flwr.client.identity import client_identity
 from atlas_flwr.client.local import client_data, compute_fingerprint, fingerprint_settings, run_evaluate, run_train
-from atlas_flwr.client.mods import one_line_errors
+from atlas_flwr.client.mods import measure_memory, one_line_errors
 from atlas_flwr.client.split_client import split_step
 from atlas_flwr.client.train import pick_device, seed_for
 from atlas_flwr.common.codec import encode_update, from_wire_record
@@ -25,7 +25,8 @@ from atlas_flwr.eurosat.client import eurosat_train
 quiet_libraries()
 
 
-app = ClientApp(mods=[one_line_errors])
+# measure_memory inside one_line_errors: an error reply carries no content to add to.
+app = ClientApp(mods=[one_line_errors, measure_memory])
 
 
 def _states(message: Message, precision: str) -> tuple[dict, dict]:

@@ -201,9 +201,19 @@ def test_missing_split_stops_the_run_before_round_one(tiny_run_config: dict, tmp
 def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_run_config: dict) -> None:
     values = {**tiny_run_config, "strategy": "atlas", "fingerprint-rows": 16, "device-scale": 1.0}
     values["device-tiers"] = binding_tiers(Config.from_run_config(values))
-    cfg, grid, outcome = _run(values)
+    cfg, grid, outcome = _run(values | {"measure-memory": True})
     run_dir = outcome.run_dir
     assert grid.messages_seen.count("query.fingerprint") == cfg.num_clients
+    # measure-memory: every reply carried its client's measurement (train replies with it are accepted).
+    with (run_dir / "memory.csv").open() as fh:
+        measured = list(csv.DictReader(fh))
+    assert len(measured) == len(grid.messages_seen) and all(int(r["working-bytes"]) >= 0 for r in measured)
+    assert {r["phase"] for r in measured} == {"describe", "fingerprint", "train", "evaluate"}
+    with (run_dir / "memory-clients.csv").open() as fh:
+        per_client = list(csv.DictReader(fh))
+    assert [int(r["client-id"]) for r in per_client] == [0, 1, 2, 3]
+    assert all(r["within-budget"] in ("True", "False") and int(r["predicted-train-bytes"]) > 0 for r in per_client)
+    assert sum(int(r["messages"]) for r in per_client) == len(measured)
     clusters = json.loads((run_dir / "clusters.json").read_text())
     assert clusters["clustering"] == "learned" and len(clusters["groups"]) == 4 and "scores" in clusters
     adjacency = np.array(json.loads((run_dir / "adjacency.json").read_text())["a"])
@@ -229,6 +239,7 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         "aggregation": "exact",
         "laplacian-eta": 0.5,
         "laplacian-graph": "cluster",
+        "laplacian-input": "aggregate",
         "server-lr": 1.0,
         "factor-split": "balanced",
         "frozen-layers": "use",

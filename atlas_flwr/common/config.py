@@ -268,6 +268,7 @@ _RULES: dict[str, _Rule] = {
         "none, run (<run dir>/tensorboard) or an absolute folder (events in <folder>/<run name>)",
     ),
     "run-name": _Rule(str, lambda v: "/" not in v and v not in (".", ".."), "a name without '/'"),
+    "measure-memory": _Rule(bool, allowed="true or false"),
 }
 
 
@@ -361,6 +362,7 @@ class Config:
     output_dir: str
     log_dir: str
     run_name: str
+    measure_memory: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:

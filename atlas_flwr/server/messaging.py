@@ -7,7 +7,7 @@ pull loop at ``poll_interval`` keeps a round trip near the transport's own laten
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -46,8 +46,9 @@ class PollingGrid(Grid):
     Flower's own ``send_and_receive`` leaves them out.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, on_reply: Callable[[Message], None] | None = None) -> None:
         self.grid = grid
+        self.on_reply = on_reply  # sees every reply pulled through this grid (the memory log)
 
     @property
     def run(self):  # Flower's Run
@@ -66,10 +67,14 @@ class PollingGrid(Grid):
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+        replies = list(self.grid.pull_messages(message_ids))
+        if self.on_reply is not None:
+            for reply in replies:
+                self.on_reply(reply)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         if not messages:
             return []
-        return [r for r in exchange(self.grid, messages, timeout=timeout) if r is not None]
+        return [r for r in exchange(self, messages, timeout=timeout) if r is not None]

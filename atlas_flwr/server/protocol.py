@@ -118,7 +118,10 @@ def _decode_train_reply(client: ClientInfo, msg: Message, sent: tuple[State, Sta
     missing = [n for n in ("adapter", "head") if n not in content.array_records]
     if missing or "metrics" not in content.metric_records:
         raise ValueError(f"missing records {missing or ['metrics']}")
-    extra = sorted(set(content.array_records) - {"adapter", "head"}) + sorted(set(content.metric_records) - {"metrics"})
+    # "memory": what the client measured for this message (measure-memory), counted in the size limit too.
+    extra = sorted(set(content.array_records) - {"adapter", "head"}) + sorted(
+        set(content.metric_records) - {"metrics", "memory"}
+    )
     if extra or content.config_records:
         raise ValueError(f"unexpected records {(extra + sorted(content.config_records))[:3]}")
     # Checked before decoding: the reply holds exactly the tensors sent (and its metrics), so anything larger

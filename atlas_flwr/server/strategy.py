@@ -28,6 +28,7 @@ from atlas_flwr.common.config import Config
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.common.records import message_bytes
 from atlas_flwr.common.results import RunWriter, default_run_name, new_run_dir
+from atlas_flwr.server.memory_log import MemoryLog
 from atlas_flwr.server.messaging import PollingGrid
 from atlas_flwr.server.plan import Plan, plan_federation, plan_from_checkpoint
 from atlas_flwr.server.preflight import preflight
@@ -77,6 +78,8 @@ class AtlasStrategy(Strategy):
         self.clients: list[ClientInfo] = []
         self._plan: Plan | None = None
         self._writer: RunWriter | None = None
+        self._memory = MemoryLog()
+        self._split_choices: list[dict[str, Any]] = []
         self._split: list[SplitClient] | None = None
         self._ckpt: Checkpoint | None = None
         self._evals: dict[int, dict[str, float]] = {}
@@ -111,9 +114,10 @@ class AtlasStrategy(Strategy):
         Engine's 3 s.
         """
         self._started = time.perf_counter()
-        self._query_phase(grid)
+        polling = PollingGrid(grid, self._memory.record if self.cfg.measure_memory else None)
+        self._query_phase(polling)
         result = super().start(
-            PollingGrid(grid),
+            polling,
             ArrayRecord() if initial_arrays is None else initial_arrays,
             self.cfg.num_server_rounds if num_rounds is None else num_rounds,
             (self.cfg.reply_timeout_seconds or None) if timeout is None else timeout,  # type: ignore[arg-type]
@@ -296,6 +300,7 @@ class AtlasStrategy(Strategy):
         cuts = {int(r["client-id"]): int(r["cut"]) for r in self._plan.ranks if "cut" in r}
         states = {c.client_id: pipeline.state_for(c.client_id) for c in self.clients}
         split, choices = plan_split(self.cfg, self.clients, states, cuts)
+        self._split_choices = choices
         self._writer.write_table("split", choices)
         for row in choices:
             log(INFO, "client %d: split at block %d, predicted client peak %.0f MB of %.0f MB", row["client-id"],
@@ -413,11 +418,27 @@ class AtlasStrategy(Strategy):
             wall_seconds=time.perf_counter() - self._started,
         )
         writer.write_summary(summary)
+        if self._memory.records:
+            self._write_memory()
         if (dp := summary["dp"]) is not None:
             log(INFO, "DP on updates: clip %g, noise %g: epsilon %s at delta %g over %d rounds (%s with the fingerprint)",
                 dp["clip"], dp["noise"], _eps(dp["epsilon-updates"]), dp["delta"], dp["rounds"],
                 _eps(dp["epsilon-with-fingerprint"]))  # fmt: skip
         log(INFO, "run finished: results in %s", self.run_dir)
+
+    def _write_memory(self) -> None:
+        """``memory.csv`` (every reply) and ``memory-clients.csv`` (per client, against its budget)."""
+        plan, writer = self._plan, self._writer
+        split = {int(r["client-id"]): int(r["client-predicted-bytes"]) for r in self._split_choices}
+        predicted = {int(r["client-id"]): int(r.get("predicted-peak-bytes", 0)) for r in plan.ranks} | split
+        writer.write_table("memory", self._memory.rows(self.clients))
+        per_client = self._memory.per_client(self.clients, predicted)
+        writer.write_table("memory-clients", per_client)
+        over = [r["client-id"] for r in per_client if r["within-budget"] is False]
+        worst = max(per_client, key=lambda r: r["max-working-bytes"] / max(r["budget-bytes"], 1))
+        log(INFO, "measured working memory: largest %.0f MB (client %d, budget %.0f MB); over budget: %s",
+            worst["max-working-bytes"] / 1e6, worst["client-id"], worst["budget-bytes"] / 1e6,
+            ", ".join(map(str, over)) or "none")  # fmt: skip
 
 
 def _eps(value: float | None) -> str:
