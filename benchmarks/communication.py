@@ -4,7 +4,7 @@
     python benchmarks/communication.py [--readme docs/results.md]                     # the table
 
 Every LoRA and split number is counted from the real messages of a committed protocol run
-(``benchmarks/results/protocol/<label>/rounds.json``): ``bytes-received`` (train replies; evaluation replies
+(``benchmarks/results/protocol/<label>-s42/rounds.json``): ``bytes-received`` (train replies; evaluation replies
 carry no arrays) and ``bytes-sent`` (train and evaluation messages), divided by the 12 clients. Full-model
 FedAvg is computed, not run: every parameter of the MiniLM-L6 classifier in fp32, once down and once up.
 The accuracy cost of a wire format (or of split learning) is its mean main metric against the same method's
@@ -23,10 +23,10 @@ PROTOCOL = ROOT / "benchmarks" / "results" / "protocol"
 OUT = ROOT / "benchmarks" / "results" / "communication"
 #: (label, run, the run it is compared with: the same method without the change)
 RUNS = [
-    ("LoRA fp32 (FedAvg)", "fedavg", "fedavg"),
-    ("LoRA fp16 (FedAvg)", "fedavg+fp16", "fedavg"),
-    ("LoRA int8 (FedAvg)", "fedavg+int8", "fedavg"),
-    ("split learning, cut auto (FedAvg-cluster)", "fedavg-cluster+split-auto", "fedavg-cluster"),
+    ("LoRA fp32 (FedAvg)", "fedavg-s42", "fedavg-s42"),
+    ("LoRA fp16 (FedAvg)", "fedavg+fp16-s42", "fedavg-s42"),
+    ("LoRA int8 (FedAvg)", "fedavg+int8-s42", "fedavg-s42"),
+    ("split learning, cut auto (FedAvg-cluster)", "fedavg-cluster+split-auto-s42", "fedavg-cluster-s42"),
 ]
 
 

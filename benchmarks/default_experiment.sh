@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The default experiment of the README, once per baseline strategy, through `flwr run`
-# (atlas-run). Results: benchmarks/results/default/<strategy>/ (rounds, clients, summary).
+# (atlas-run). Results: benchmarks/results/default/<strategy>-s42/ (rounds, clients, summary).
 # Usage: benchmarks/default_experiment.sh [strategy ...]   (default: fedavg local-only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,9 +9,10 @@ strategies=("$@")
 [ ${#strategies[@]} -gt 0 ] || strategies=(fedavg local-only)
 for strategy in "${strategies[@]}"; do
   # The committed results are regenerated, not appended to: git keeps the old ones.
-  rm -rf "${out:?}/$strategy"
+  name="$strategy-s42"
+  rm -rf "${out:?}/$name"
   start=$(date +%s)
-  atlas-run --set "strategy=$strategy" --set "output-dir=\"$out\"" --set "run-name=$strategy"
-  echo "$strategy: $(( $(date +%s) - start )) s end to end (atlas-run, including SuperLink start and stop)" \
-    | tee "$out/$strategy/wall-clock.txt"
+  atlas-run --set "strategy=$strategy" --set "output-dir=\"$out\"" --set "run-name=$name"
+  echo "$name: $(( $(date +%s) - start )) s end to end (atlas-run, including SuperLink start and stop)" \
+    | tee "$out/$name/wall-clock.txt"
 done

@@ -16,7 +16,8 @@ def row(run: Path) -> str:
     """One markdown row: final per-task metrics, bytes per round, time."""
     rounds = json.loads((run / "rounds.json").read_text())
     final = rounds[-1]
-    cells = [run.name, str(final["round"])]
+    strategy = json.loads((run / "config.json").read_text())["run-config"]["strategy"]
+    cells = [strategy, str(final["round"])]
     cells += [f"{final[f'{task}-{metric}']:.3f}" for task, metric in COLUMNS]
     cells.append(f"{final['bytes-sent'] / 1e6:.2f} / {final['bytes-received'] / 1e6:.2f}")
     cells.append(f"{sum(r['round-seconds'] for r in rounds) / len(rounds):.0f}")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A protocol for every method, through `flwr run` (atlas-run).
-# Results: $OUT/<label>/ ; tables: the atlas-report commands in docs/results.md.
+# Results: $OUT/<label>-s<seed>/ ; tables: the atlas-report commands in docs/results.md.
 # Usage: [SEED=43] [CONFIG=configs/protocol.toml] [OUT=benchmarks/results/protocol] benchmarks/protocol.sh [label ...]
-#   (default: every label of the v1 protocol below, seed 42). Runs write to <label>-s<seed>/; v1 and the
-#   quality runs, made before that rule, name seed 42's run <label>/.
+#   (default: every label of the v1 protocol below, seed 42). Runs write to <label>-s<seed>/ (the v1 and
+#   quality runs made before that rule were renamed to it).
 #   CONFIG=none runs the default config (pyproject.toml), as `atlas-run` with no config file does.
 # A label is a method, or a method with switches changed; each --set of a label is one word of extra[label].
 set -euo pipefail

@@ -2,7 +2,7 @@
 # Where the federated-to-centralized gap on QNLI comes from (issue 17): the default config's QNLI rows
 # (2 clients x 768 rows, 3 rounds of 1 epoch, max length 64), one switch changed per run, in process
 # (benchmarks/inprocess.py: the real ServerApp and ClientApp, no Ray), about 2.5 min a run on 2 cores.
-# Results: benchmarks/results/quality-qnli/<name>[-s<seed>]/ ; usage: [SEED=43] benchmarks/quality_qnli.sh [name ...]
+# Results: benchmarks/results/quality-qnli/<name>-s<seed>/ ; usage: [SEED=43] benchmarks/quality_qnli.sh [name ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$PWD/benchmarks/results/quality-qnli"
@@ -24,8 +24,7 @@ for name in "${names[@]}"; do
   read -ra words <<< "${sets[$name]}"
   for word in "${words[@]}"; do args+=(--set "$word"); done
   seed=${SEED:-42}
-  run=$name
-  [ "$seed" = 42 ] || run="$name-s$seed"
+  run="$name-s$seed"
   rm -rf "${out:?}/$run"
   python benchmarks/inprocess.py configs/smoke.toml --output-dir "$out" --run-name "$run" \
     --set 'tasks="qnli"' --set clients-per-task=2 --set max-samples-per-client=768 --set max-eval-samples=872 \

@@ -142,7 +142,7 @@ README_REPORTS = [
         [
             f"benchmarks/results/protocol/fedavg-cluster{split}{seed}"
             for split in ("", "+split-auto")
-            for seed in ("", "-s43", "-s44")
+            for seed in ("-s42", "-s43", "-s44")
         ],
         "fedavg-cluster",
         "split-vs-federated",
@@ -151,7 +151,7 @@ README_REPORTS = [
         [
             f"benchmarks/results/protocol/{method}{seed}"
             for method in ("atlas", "atlas-no-laplacian")
-            for seed in ("", "-s43", "-s44")
+            for seed in ("-s42", "-s43", "-s44")
         ],
         "atlas-no-laplacian",
         "laplacian",
