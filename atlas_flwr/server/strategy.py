@@ -436,7 +436,7 @@ class AtlasStrategy(Strategy):
         writer.write_table("memory-clients", per_client)
         over = [r["client-id"] for r in per_client if r["within-budget"] is False]
         worst = max(per_client, key=lambda r: r["max-working-bytes"] / max(r["budget-bytes"], 1))
-        log(INFO, "measured working memory: largest %.0f MB (client %d, budget %.0f MB); over budget: %s",
+        log(INFO, "measured working memory: largest %.0f MB (client %d, budget %.0f MB); clients over budget: %s",
             worst["max-working-bytes"] / 1e6, worst["client-id"], worst["budget-bytes"] / 1e6,
             ", ".join(map(str, over)) or "none")  # fmt: skip
 
