@@ -137,7 +137,12 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
 README_REPORTS = [
     (["benchmarks/results/protocol"], "fedavg", "protocol"),
     (["benchmarks/results/quality"], "atlas+laplacian=median,held", "quality"),
-    (["benchmarks/results/protocol-v2"], "fedavg-cluster", "protocol-v2"),
+    (
+        ["benchmarks/results/protocol-v2"]
+        + [f"benchmarks/results/protocol-v2-levers/atlas+graph-cluster+aggregate-s{seed}" for seed in (42, 43, 44)],
+        "fedavg-cluster",
+        "protocol-v2",
+    ),
     (
         [
             f"benchmarks/results/protocol/fedavg-cluster{split}{seed}"
