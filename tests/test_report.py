@@ -250,3 +250,19 @@ def test_a_switch_the_method_does_not_use_names_no_variant(tmp_path: Path) -> No
     assert main([str(runs), "--out", str(tmp_path / "r")]) == 0
     methods = (tmp_path / "r" / "methods.md").read_text()
     assert "| centralized | 1 |" in methods and "| fedavg+server-lr=2.0 | 1 |" in methods
+
+
+def test_the_ablation_table_in_the_docs_is_what_its_command_writes() -> None:
+    import subprocess
+    import sys
+
+    from atlas_tools.report import update_section
+
+    docs = Path("docs/results.md").read_text()
+    out = subprocess.run(
+        [sys.executable, "benchmarks/ablation_pairs.py", "benchmarks/results/protocol-v2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert update_section(docs, "protocol-v2-ablations", out) == docs, "run benchmarks/ablation_pairs.py --readme"
