@@ -354,8 +354,7 @@ class ModelShape:
 
     def linear_weights_per_layer(self) -> int:
         """Weight elements of a layer's linear projections (attention and FFN, biases excluded)."""
-        attn = 2 * self.hidden * self.q_dim + 2 * self.hidden * self.kv_dim
-        return attn + (3 if self.gated_ffn else 2) * self.hidden * self.intermediate
+        return sum(fan_in * fan_out for fan_in, fan_out in self.linear_shapes_per_layer())
 
     def frozen_param_count(self) -> int:
         """Parameters of the backbone (no task head): embeddings, layers, norms, pooler.
@@ -424,43 +423,29 @@ def predict_peak_bytes(
     first = adapted[0] if adapted else model.num_layers
     stored_layers = model.num_layers - first
     per_layer = layer_activation_bytes(model, train, cal)
-    lora_acts = sum(
-        lora_activation_bytes(train, cal, i, r)
-        for layer in ranks
-        for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
-        if r
-    )
     frozen = frozen_rank * sum(
         i + o for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True) if not r
     )
-    lora_acts += sum(
-        frozen_lora_activation_bytes(train, cal, i)
+    # What each layer from the first adapted one up keeps for its adapters (below it there are none): the
+    # trained ones' activations, and the frozen ones' dropout masks.
+    layer_lora = [
+        sum(
+            lora_activation_bytes(train, cal, i, r)
+            if r
+            else frozen_lora_activation_bytes(train, cal, i) * bool(frozen_rank)
+            for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
+        )
         for layer in ranks[first:]
-        for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
-        if frozen_rank and not r
-    )
+    ]
     linear = model.num_layers * model.linear_weights_per_layer()
     if train.checkpointing:
         # Kept for backward: each layer's input from the first adapted layer up; then one layer at a time is
         # recomputed with everything it saves (its adapters' activations too), the largest one at the peak.
-        layer_lora = [
-            sum(
-                lora_activation_bytes(train, cal, i, r)
-                for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
-                if r
-            )
-            + sum(
-                frozen_lora_activation_bytes(train, cal, i)
-                for r, (i, _) in zip(layer, model.lora_targets_per_layer, strict=True)
-                if frozen_rank and not r
-            )
-            for layer in ranks[first:]
-        ]
         inputs = stored_layers * train.batch * train.seq_len * model.hidden * train.dtype_bytes
         recomputed = per_layer + kbit_input_bytes(model, train, cal) + max(layer_lora) if layer_lora else 0
         activations = inputs + recomputed
     else:
-        activations = stored_layers * (per_layer + kbit_input_bytes(model, train, cal)) + lora_acts
+        activations = stored_layers * (per_layer + kbit_input_bytes(model, train, cal)) + sum(layer_lora)
     parts = {
         "frozen_weights": round(
             (model.frozen_param_count() - linear) * train.base_bytes
