@@ -226,6 +226,15 @@ def write_sections(path: Path, sections: dict[str, str]) -> None:
     path.write_text(text)
 
 
+def final_scores(runs: Sequence[Run]) -> dict[str, dict[tuple[int, str], float]]:
+    """Per method, each (seed, task)'s final main metric (the mean of the task's clients, as each round logs it)."""
+    scores: dict[str, dict[tuple[int, str], float]] = defaultdict(dict)
+    for run in runs:
+        for task in run.tasks:
+            scores[run.method][(run.seed, task)] = float(run.rounds[-1][f"{task}-{MAIN_METRIC[task]}"])
+    return scores
+
+
 def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
     """Each method against ``reference`` on (seed, task) pairs: the task's final main metric, mean of its clients.
 
@@ -235,10 +244,7 @@ def paired_table(runs: Sequence[Run], reference: str) -> list[dict[str, str]]:
     """
     from scipy.stats import wilcoxon
 
-    scores: dict[str, dict[tuple[int, str], float]] = defaultdict(dict)
-    for run in runs:
-        for task in run.tasks:
-            scores[run.method][(run.seed, task)] = float(run.rounds[-1][f"{task}-{MAIN_METRIC[task]}"])
+    scores = final_scores(runs)
     if reference not in scores:
         raise ValueError(f"reference method {reference!r} is not among the runs: {', '.join(sorted(scores))}")
     rows = []

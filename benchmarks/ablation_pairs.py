@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from atlas_tools.report import MAIN_METRIC, find_runs, markdown, write_sections
+from atlas_tools.report import MAIN_METRIC, final_scores, find_runs, markdown, write_sections
 
 #: (variant, partner, what the variant changes)
 PAIRS = [
@@ -34,12 +34,8 @@ PAIRS = [
 
 
 def table(folders: list[Path]) -> list[dict[str, str]]:
-    scores: dict[str, dict[tuple[int, str], float]] = {}
-    tasks: tuple[str, ...] = ()
-    for run in find_runs(folders):
-        tasks = run.tasks
-        for task in run.tasks:
-            scores.setdefault(run.method, {})[(run.seed, task)] = float(run.rounds[-1][f"{task}-{MAIN_METRIC[task]}"])
+    runs = find_runs(folders)
+    scores, tasks = final_scores(runs), runs[0].tasks
     rows = []
     for variant, partner, change in PAIRS:
         if variant not in scores or partner not in scores:
