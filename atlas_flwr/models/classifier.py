@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from atlas_flwr.common.config import QUANTIZATIONS
 from atlas_flwr.common.errors import ModelError
 from atlas_flwr.models.registry import ModelSource, resolve_model
 
@@ -49,8 +50,10 @@ class BaseSettings:
     def __post_init__(self) -> None:
         if self.dtype not in BASE_DTYPES:
             raise ModelError(f"base dtype {self.dtype!r} is invalid: expected one of {', '.join(BASE_DTYPES)}")
-        if self.quantization not in ("none", "8bit", "4bit"):
-            raise ModelError(f"quantization {self.quantization!r} is invalid: expected none, 8bit or 4bit")
+        if self.quantization not in QUANTIZATIONS:
+            raise ModelError(
+                f"quantization {self.quantization!r} is invalid: expected one of {', '.join(QUANTIZATIONS)}"
+            )
 
 
 def quantization_config(quantization: str, dtype: str) -> object | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from transformers import AutoConfig
 
 from atlas_flwr.common.config import Config
+from atlas_flwr.models.classifier import BASE_DTYPES
 from atlas_flwr.models.registry import resolve_model
 from strategies.memory import ModelShape, TrainShape
 
@@ -19,8 +20,8 @@ def model_shape(cfg: Config) -> ModelShape:
     return ModelShape.from_hf_config(AutoConfig.from_pretrained(source.path).to_dict(), source.lora_targets)
 
 
-#: Bytes per parameter of each ``base-dtype``.
-BASE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: Bytes per parameter of each ``base-dtype``, from the torch dtype the classifier loads it in.
+BASE_DTYPE_BYTES = {name: dtype.itemsize for name, dtype in BASE_DTYPES.items()}
 
 
 def train_shape(cfg: Config) -> TrainShape:
