@@ -46,6 +46,7 @@ declare -A extra=(
   # The QNLI lever: two local epochs for QNLI's clients, and for its centralized reference alike.
   [atlas-no-laplacian+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
   [centralized+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
+  [atlas+graph-cluster+aggregate+qnli-epochs-2]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" local-epochs-by-task=\"qnli:2\""
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
   fedavg-cluster+split-auto fedavg+fp16 fedavg+int8)
