@@ -47,6 +47,8 @@ declare -A extra=(
   [atlas-no-laplacian+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
   [centralized+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
   [atlas+graph-cluster+aggregate+qnli-epochs-2]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" local-epochs-by-task=\"qnli:2\""
+  # All four phases (issue 18): atlas-split (split = auto) with the Laplacian as atlas now has it.
+  [atlas-split+graph-cluster+aggregate]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\""
 )
 order=(local-only fedavg fedavg-cluster atlas-no-laplacian atlas atlas-no-laplacian+zero-pad atlas-no-laplacian+factor-avg
   fedavg-cluster+split-auto fedavg+fp16 fedavg+int8)
