@@ -62,11 +62,17 @@ def describe(message: Message, context: Context) -> Message:
     return Message(RecordDict({"client": record}), reply_to=message)
 
 
+def _micro_batch(message: Message) -> int:
+    """The slice size the server priced this client's forward for (0: whole batches)."""
+    config = message.content.config_records.get("config")
+    return max(int(config.get("micro-batch", 0)), 0) if config is not None else 0
+
+
 @app.query("fingerprint")
 def fingerprint(message: Message, context: Context) -> Message:
     """Reply with the task fingerprint: projected, clipped, optionally noised; plus layer importance."""
     cfg, client_id = client_identity(context)
-    fp = compute_fingerprint(cfg, client_id, fingerprint_settings(cfg))
+    fp = compute_fingerprint(cfg, client_id, fingerprint_settings(cfg), _micro_batch(message))
     arrays = ArrayRecord({"vector": Array(fp.vector), "importance": Array(fp.importance.astype(np.float64))})
     metrics = MetricRecord(
         {
@@ -130,7 +136,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received adapter and head on the task's validation rows."""
     cfg, client_id = client_identity(context)
     adapter, head = _states(message, cfg.precision)
-    metrics = run_evaluate(cfg, client_id, adapter, head)
+    metrics = run_evaluate(cfg, client_id, adapter, head, _micro_batch(message))
     return Message(RecordDict({"metrics": MetricRecord({"client-id": client_id, **metrics})}), reply_to=message)
 
 

@@ -51,7 +51,7 @@ configurations and one measured after the fit are within 2.4%.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 Target = tuple[int, int]
@@ -437,7 +437,6 @@ def predict_peak_bytes(
         )
         for layer in ranks[first:]
     ]
-    linear = model.num_layers * model.linear_weights_per_layer()
     if train.checkpointing:
         # Kept for backward: each layer's input from the first adapted layer up; then one layer at a time is
         # recomputed with everything it saves (its adapters' activations too), the largest one at the peak.
@@ -447,10 +446,7 @@ def predict_peak_bytes(
     else:
         activations = stored_layers * (per_layer + kbit_input_bytes(model, train, cal)) + sum(layer_lora)
     parts = {
-        "frozen_weights": round(
-            (model.frozen_param_count() - linear) * train.base_bytes
-            + model.num_layers * model.linear_weight_bytes_per_layer(train)
-        ),
+        "frozen_weights": _frozen_weight_bytes(model, train),
         "lora_params": (lora + frozen) * cal.adapter_bytes,
         "lora_grads": lora * cal.adapter_bytes,
         "optimizer_state": OPTIMIZER_STATES[optimizer] * lora * cal.adapter_bytes,
@@ -464,6 +460,47 @@ def predict_peak_bytes(
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def predict_forward_bytes(
+    model: ModelShape, train: TrainShape, ranks_per_layer: RankSpec, calibration: Calibration | None = None
+) -> dict[str, int]:
+    """Predicted peak memory of a forward pass without gradients (evaluation), by component.
+
+    Nothing is kept for backward, so at any moment one layer's tensors are alive: priced as the tensors a
+    training step keeps per layer (:func:`layer_activation_bytes`, dropout masks included), an upper bound
+    in eval mode, plus the workspace of a training step. The base and every adapter the client holds count.
+    """
+    cal = calibration or Calibration()
+    ranks = _per_target_ranks(model, ranks_per_layer)
+    lora = sum(r * (i + o) for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True))
+    per_layer = layer_activation_bytes(model, train, cal)
+    parts = {
+        "frozen_weights": _frozen_weight_bytes(model, train),
+        "lora_params": lora * cal.adapter_bytes,
+        "activations": per_layer,
+        "workspace": round(cal.workspace_bytes + cal.workspace_layers * per_layer),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def largest_fitting_batch(price: Callable[[int], int], budget: int, batch: int) -> int:
+    """The largest of ``batch``, ``batch // 2``, ... 1 whose ``price`` fits ``budget`` (0: no budget).
+
+    1 when none fits: the caller decides whether that is an error (a training plan) or the least it can do.
+    """
+    while batch > 1 and budget and price(batch) > budget:
+        batch //= 2
+    return batch
+
+
+def _frozen_weight_bytes(model: ModelShape, train: TrainShape) -> int:
+    linear = model.num_layers * model.linear_weights_per_layer()
+    return round(
+        (model.frozen_param_count() - linear) * train.base_bytes
+        + model.num_layers * model.linear_weight_bytes_per_layer(train)
+    )
 
 
 def kbit_input_bytes(model: ModelShape, train: TrainShape, cal: Calibration) -> int:

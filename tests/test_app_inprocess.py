@@ -280,6 +280,12 @@ def test_a_budget_bound_client_uses_its_groups_layers_frozen_or_drops_them(
     _, grid, outcome = _run(values)
     strategy = outcome.strategy
     small, large = (strategy.state_for(i)[0] for i in (0, 1))  # one task: clients 0 (small tier) and 1
+    # Fingerprint and evaluation run in slices that the small client's budget holds (at batch 64 neither does).
+    rows = {r["client-id"]: r for r in json.loads((outcome.run_dir / "ranks.json").read_text())}
+    for row in rows.values():
+        assert row["predicted-fingerprint-bytes"] <= row["memory-budget-bytes"]
+        assert row["predicted-eval-bytes"] <= row["memory-budget-bytes"]
+    assert rows[0]["fingerprint-batch"] < rows[1]["fingerprint-batch"] <= 64 and rows[0]["eval-batch"] <= 64
     bottom = sorted(k for k in large if ".layer.0." in k)
     if frozen_layers == "drop":  # the old behaviour: what the budget cannot train is not held at all
         assert not strategy.frozen[0] and not set(bottom) & set(small)

@@ -120,3 +120,29 @@ def test_class_balanced_mean_ignores_label_proportions() -> None:
 
     np.testing.assert_allclose(fingerprint(10, 90), fingerprint(70, 30), rtol=1e-5, atol=1e-5)
     assert class_balance_weights(np.array([1, 1, 1, 0])).tolist() == [2 / 3, 2 / 3, 2 / 3, 2.0]
+
+
+@pytest.mark.parametrize("kind", ["embedding", "embedding-labels"])
+def test_a_fingerprint_in_slices_equals_the_whole_batch(tiny_cfg: Config, kind: str) -> None:
+    # The server sizes a small client's fingerprint to slices of its budget: the features and the importance
+    # (a gradient of the batch's mean loss) must not change with the slice size, 3 not dividing the batch.
+    model = new_model(tiny_cfg, "sst2")
+    rows = client_data(tiny_cfg, 0).train.select(range(16))
+    loader = make_loader(rows, load_tokenizer(tiny_cfg.model), 8, shuffle=False)
+    whole = example_features(model, loader, kind, torch.device("cpu"), max_rows=16)
+    sliced = example_features(model, loader, kind, torch.device("cpu"), max_rows=16, micro_batch=3)
+    np.testing.assert_allclose(sliced[0], whole[0], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(sliced[1], whole[1])
+    np.testing.assert_allclose(sliced[2], whole[2], rtol=1e-4)
+
+
+def test_an_evaluation_in_slices_equals_the_whole_batch(tiny_cfg: Config) -> None:
+    from atlas_flwr.client.train import evaluate
+
+    model = new_model(tiny_cfg, "sst2")
+    rows = client_data(tiny_cfg, 0).eval.select(range(20))
+    loader = make_loader(rows, load_tokenizer(tiny_cfg.model), 8, shuffle=False)
+    whole, sliced = evaluate(model, loader, torch.device("cpu")), evaluate(model, loader, torch.device("cpu"), 3)
+    assert sliced["num-examples"] == whole["num-examples"] == 20
+    assert sliced["accuracy"] == whole["accuracy"]
+    assert sliced["loss"] == pytest.approx(whole["loss"], rel=1e-5)

@@ -10,7 +10,14 @@ from dataclasses import fields
 import pytest
 
 from atlas_flwr.common.devices import DeviceProfile, format_size, parse_size, profile_for
-from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes
+from strategies.memory import (
+    Calibration,
+    ModelShape,
+    TrainShape,
+    largest_fitting_batch,
+    predict_forward_bytes,
+    predict_peak_bytes,
+)
 from strategies.ranks import _Costs, allocate_ranks
 
 # Config dicts as in each model's config.json (keys that do not size the model trimmed).
@@ -275,6 +282,27 @@ def test_cuda_autocast_keeps_weight_copies_from_the_first_adapted_layer_up(minil
     assert predict_peak_bytes(minilm, train, [0, 0, 8, 8, 8, 8], calibration=cuda)["weight_casts"] == 4 * per_layer
     assert predict_peak_bytes(minilm, train, [8] * 6, calibration=cuda)["weight_casts"] == 6 * per_layer
     assert predict_peak_bytes(minilm, train, [8] * 6)["weight_casts"] == 0  # fp32 on the CPU: no copies
+
+
+def test_a_forward_without_gradients_costs_the_held_weights_and_one_layer(minilm: ModelShape) -> None:
+    step = TrainShape(batch=16, seq_len=128)
+    forward = predict_forward_bytes(minilm, step, [8] * minilm.num_layers)
+    train = predict_peak_bytes(minilm, step, [8] * minilm.num_layers)
+    # The same base and adapters, no gradient or optimizer state, and one layer's tensors instead of six.
+    assert forward["frozen_weights"] == train["frozen_weights"] and forward["lora_params"] == train["lora_params"]
+    assert forward["activations"] * minilm.num_layers < train["activations"]
+    assert forward["total"] < train["total"]
+    held_none = predict_forward_bytes(minilm, step, [0] * minilm.num_layers)
+    assert held_none["lora_params"] == 0 and held_none["activations"] == forward["activations"]
+
+
+def test_largest_fitting_batch_halves_until_the_price_fits() -> None:
+    price = lambda batch: 100 + 10 * batch
+    assert largest_fitting_batch(price, 0, 64) == 64  # no budget
+    assert largest_fitting_batch(price, 100 + 10 * 64, 64) == 64
+    assert largest_fitting_batch(price, 100 + 10 * 63, 64) == 32
+    assert largest_fitting_batch(price, 100 + 10 * 3, 64) == 2
+    assert largest_fitting_batch(price, 50, 64) == 1  # nothing fits: the least it can do
 
 
 def test_rank_pattern_for_peft() -> None:

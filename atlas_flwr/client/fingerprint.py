@@ -158,11 +158,15 @@ def example_features(
     device: torch.device,
     max_rows: int,
     depth: float = 1.0,
+    micro_batch: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-example feature rows for ``kind``, their labels, and the per-layer importance.
 
     Embeddings are read at hidden state ``round(depth * num_layers)``. The loader must have
-    batch size 1 for ``lora-grad`` (per-example gradients).
+    batch size 1 for ``lora-grad`` (per-example gradients). ``micro_batch`` (0: the whole batch)
+    runs each batch as slices of at most that many rows and sums their gradients: the same
+    features and importance as the whole batch (to float rounding), at the memory of a slice,
+    so that a client's fingerprint fits the budget its server priced it for.
     """
     model.to(device).eval()  # no dropout: the fingerprint describes the data, not noise
     b_params = _lora_b_params(model)
@@ -175,15 +179,23 @@ def example_features(
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            kwargs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-            if "token_type_ids" in batch and model._accepts_token_types:
-                kwargs["token_type_ids"] = batch["token_type_ids"]
-            states = model.backbone(**kwargs, output_hidden_states=True).hidden_states
-            pooled = pool(states[-1], batch["attention_mask"], model.pooling)
-            loss = loss_fn(model.head(pooled), labels)
-            at_depth = pool(states[round(depth * (len(states) - 1))], batch["attention_mask"], model.pooling)
-            loss.backward()
+        size = micro_batch or len(labels)
+        parts = []
+        for start in range(0, len(labels), size):
+            part = {k: v[start : start + size] for k, v in batch.items()}
+            with torch.enable_grad():
+                kwargs = {k: part[k] for k in ("input_ids", "attention_mask")}
+                if "token_type_ids" in part and model._accepts_token_types:
+                    kwargs["token_type_ids"] = part["token_type_ids"]
+                states = model.backbone(**kwargs, output_hidden_states=True).hidden_states
+                pooled = pool(states[-1], part["attention_mask"], model.pooling)
+                # The slice's share of the batch's mean loss: the slices' gradients add up to the batch's.
+                loss = loss_fn(model.head(pooled), labels[start : start + size]) * (len(pooled) / len(labels))
+                at = pool(states[round(depth * (len(states) - 1))], part["attention_mask"], model.pooling)
+                parts.append(at.detach())
+                loss.backward()
+            del states, pooled, loss, at  # free the slice's graph before the next one is built
+        at_depth = torch.cat(parts)
         per_layer = np.zeros(len(layers))
         for name, param in b_params:
             per_layer[layers.index(layer_of(name))] += float(param.grad.pow(2).sum())

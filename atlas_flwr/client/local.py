@@ -188,12 +188,12 @@ def run_train(
     return without_modules(adapter_state(model), frozen), head_state(model), result
 
 
-def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State) -> dict[str, float]:
+def run_evaluate(cfg: Config, client_id: int, adapter: State, head: State, micro_batch: int = 0) -> dict[str, float]:
     """Metrics of the given adapter and head on the client's task validation rows."""
     data = client_data(cfg, client_id)
     model = loaded_model(cfg, data.task, adapter, head)
     loader = make_loader(data.eval, load_tokenizer(cfg.model), cfg.eval_batch_size, shuffle=False, pad_to=cfg.pad_to)
-    return evaluate(model, loader, pick_device(cfg.device))
+    return evaluate(model, loader, pick_device(cfg.device), micro_batch)
 
 
 def fingerprint_settings(cfg: Config) -> FingerprintSettings:
@@ -210,13 +210,16 @@ def fingerprint_settings(cfg: Config) -> FingerprintSettings:
     )
 
 
-def compute_fingerprint(cfg: Config, client_id: int, settings: FingerprintSettings) -> Fingerprint:
+def compute_fingerprint(
+    cfg: Config, client_id: int, settings: FingerprintSettings, micro_batch: int = 0
+) -> Fingerprint:
     """The client's task fingerprint, from the run's initial model (same seed as the server's)."""
-    return privatize_features(cfg, client_id, settings, *fingerprint_features(cfg, client_id, settings))
+    features = fingerprint_features(cfg, client_id, settings, micro_batch)
+    return privatize_features(cfg, client_id, settings, *features)
 
 
 def fingerprint_features(
-    cfg: Config, client_id: int, settings: FingerprintSettings
+    cfg: Config, client_id: int, settings: FingerprintSettings, micro_batch: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-row features, labels and layer importance (these never leave the client)."""
     data = client_data(cfg, client_id)
@@ -224,7 +227,8 @@ def fingerprint_features(
     rows = data.train.select(range(min(settings.max_rows, len(data.train))))
     batch_size = 1 if settings.kind == "lora-grad" else cfg.eval_batch_size
     loader = make_loader(rows, load_tokenizer(cfg.model), batch_size, shuffle=False)
-    return example_features(model, loader, settings.kind, pick_device(cfg.device), settings.max_rows, settings.depth)
+    device = pick_device(cfg.device)
+    return example_features(model, loader, settings.kind, device, settings.max_rows, settings.depth, micro_batch)
 
 
 def privatize_features(

@@ -153,18 +153,27 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray) -> dict[str, f
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Loss and classification metrics over a whole loader."""
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, micro_batch: int = 0
+) -> dict[str, float]:
+    """Loss and classification metrics over a whole loader.
+
+    ``micro_batch`` (0: whole batches) runs each padded batch as slices of at most that many rows: the same
+    logits, at the memory of a slice (the server sizes it to the client's budget).
+    """
     model.to(device).eval()
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     total, all_labels, all_preds = 0.0, [], []
-    for batch in _batches(loader, device, "evaluate"):
-        labels = batch.pop("labels")
-        with _autocast(device):
-            logits = model(**batch).float()
-        total += loss_fn(logits, labels).item()
-        all_labels.append(labels.cpu().numpy())
-        all_preds.append(logits.argmax(-1).cpu().numpy())
+    for whole in _batches(loader, device, "evaluate"):
+        size = micro_batch or len(whole["labels"])
+        for start in range(0, len(whole["labels"]), size):
+            batch = {k: v[start : start + size] for k, v in whole.items()}
+            labels = batch.pop("labels")
+            with _autocast(device):
+                logits = model(**batch).float()
+            total += loss_fn(logits, labels).item()
+            all_labels.append(labels.cpu().numpy())
+            all_preds.append(logits.argmax(-1).cpu().numpy())
     labels_np, preds_np = np.concatenate(all_labels), np.concatenate(all_preds)
     return {
         "loss": total / len(labels_np),

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from flwr.serverapp import Grid
 
+from atlas_flwr.client.fingerprint import layer_of
 from atlas_flwr.client.local import initial_state, modules_per_layer
 from atlas_flwr.common.checkpoint import Checkpoint
 from atlas_flwr.common.config import Config
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.common.records import to_numpy
-from atlas_flwr.common.state import State
+from atlas_flwr.common.state import State, module_ranks
 from atlas_flwr.server.protocol import collect_fingerprints
 from atlas_flwr.server.shapes import model_shape, train_shape
 from atlas_flwr.server.split_server import SPLIT_DEVICE
 from strategies.clustering import adjusted_rand
-from strategies.memory import Calibration, ModelShape, TrainShape, predict_peak_bytes
+from strategies.memory import (
+    Calibration,
+    ModelShape,
+    TrainShape,
+    largest_fitting_batch,
+    predict_forward_bytes,
+    predict_peak_bytes,
+)
 from strategies.pipeline import ClientInfo, Member, Switches, fingerprint_graph, plan_groups, plan_ranks
 from strategies.ranks import allocate_ranks
 from strategies.split_cut import plan_split_ranks
@@ -40,7 +48,12 @@ class Plan:
 
 def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], switches: Switches) -> Plan:
     """Fingerprints, groups and graph; then each client's ranks, held modules and starting state."""
-    prints = collect_fingerprints(grid, clients) if switches.needs_fingerprints else None
+    shape, step = model_shape(cfg), train_shape(cfg)
+    prints = None
+    if switches.needs_fingerprints:
+        prints = collect_fingerprints(
+            grid, clients, {c.client_id: fingerprint_batch(cfg, c, shape)[0] for c in clients}
+        )
     tasks = [c.task for c in clients]
     groups, result = plan_groups(
         switches.clustering, tasks, None if prints is None else prints.vectors, cfg.cluster_k_max, cfg.seed
@@ -61,7 +74,6 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     adjacency = fingerprint_graph(prints.vectors, groups, cfg.laplacian_graph) if prints is not None else None
 
     uniform = tuple(to_numpy(t) for t in initial_state(cfg))
-    shape, step = model_shape(cfg), train_shape(cfg)
     layers = modules_per_layer(uniform[0])
     initial: dict[int, tuple[State, State]] = {}
     frozen: dict[int, list[str]] = {}
@@ -139,9 +151,42 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
         }
         if prints is not None:
             row["importance"] = " ".join(f"{x:.3g}" for x in prints.importance[i])
+            row["fingerprint-batch"], row["predicted-fingerprint-bytes"] = fingerprint_batch(cfg, client, shape)
+        row["eval-batch"], row["predicted-eval-bytes"] = eval_batch(cfg, client, shape, initial[client.client_id][0])
         rank_rows.append(row)
     members = [Member(c.client_id, c.task, g) for c, g in zip(clients, groups, strict=True)]
     return Plan(members, initial, adjacency, clusters, rank_rows, frozen, dropped)
+
+
+def fingerprint_batch(cfg: Config, client: ClientInfo, shape: ModelShape) -> tuple[int, int]:
+    """The slice size of a client's fingerprint and its predicted peak: the largest of ``eval-batch-size``,
+    its halves, ... 1 at which a forward and backward through every layer's ``lora-rank`` adapter (the
+    fingerprint's model; gradients, no optimizer) fits the client's budget."""
+    calibration = Calibration.for_device(client.device)
+    full = 1 if cfg.fingerprint_kind == "lora-grad" else cfg.eval_batch_size
+
+    def price(batch: int) -> int:
+        step = replace(train_shape(cfg), batch=batch)
+        return predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, "sgd", calibration)["total"]
+
+    batch = largest_fitting_batch(price, client.memory_bytes, full)
+    return batch, price(batch)
+
+
+def eval_batch(cfg: Config, client: ClientInfo, shape: ModelShape, adapter: State) -> tuple[int, int]:
+    """The slice size of a client's evaluation and its predicted peak: the largest of ``eval-batch-size``,
+    its halves, ... 1 at which a forward without gradients through the adapter it holds fits its budget."""
+    calibration = Calibration.for_device(client.device)
+    ranks: list[dict[str, int]] = [{} for _ in range(shape.num_layers)]
+    for module, rank in module_ranks(adapter).items():
+        target = next(n for n in shape.target_names if module == n or module.endswith("." + n))
+        ranks[layer_of(module)][target] = rank
+
+    def price(batch: int) -> int:
+        return predict_forward_bytes(shape, replace(train_shape(cfg), batch=batch), ranks, calibration)["total"]
+
+    batch = largest_fitting_batch(price, client.memory_bytes, cfg.eval_batch_size)
+    return batch, price(batch)
 
 
 def _fixed_cut(cfg: Config) -> int | None:

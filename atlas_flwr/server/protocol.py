@@ -5,7 +5,7 @@ Every reply is checked here before it reaches the aggregate (``decode_train_repl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 
@@ -172,10 +172,22 @@ class Fingerprints:
     rows: list[int]
 
 
-def collect_fingerprints(grid: Grid, clients: Sequence[ClientInfo]) -> Fingerprints:
-    """Send ``query.fingerprint`` to every client; every one must answer (clustering needs all)."""
+def collect_fingerprints(
+    grid: Grid, clients: Sequence[ClientInfo], micro_batches: Mapping[int, int] | None = None
+) -> Fingerprints:
+    """Send ``query.fingerprint`` to every client; every one must answer (clustering needs all).
+
+    ``micro_batches`` gives a client the slice size its fingerprint's forward and backward fit its budget at.
+    """
+    sizes = micro_batches or {}
     messages = [
-        Message(RecordDict(), dst_node_id=c.node_id, message_type="query.fingerprint", group_id="0") for c in clients
+        Message(
+            RecordDict({"config": ConfigRecord({"micro-batch": sizes.get(c.client_id, 0)})}),
+            dst_node_id=c.node_id,
+            message_type="query.fingerprint",
+            group_id="0",
+        )
+        for c in clients
     ]
     vectors, importance, eps, rows = [], [], [], []
     delta = 0.0

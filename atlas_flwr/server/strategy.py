@@ -327,9 +327,13 @@ class AtlasStrategy(Strategy):
     ) -> list[Message]:
         pipeline = self._pipeline()
         out = []
+        # An evaluation runs in slices its client's budget holds (the plan's eval-batch; none in older checkpoints).
+        slices = {int(r["client-id"]): int(r.get("eval-batch", 0)) for r in self._plan.ranks} if self._plan else {}
         for c in clients:
             content = content_for(pipeline, c, server_round, self.cfg.precision)
             content["config"] = ConfigRecord({**dict(config), **dict(content["config"])})
+            if kind == MessageType.EVALUATE:
+                content["config"]["micro-batch"] = slices.get(c.client_id, 0)
             out.append(Message(content, dst_node_id=c.node_id, message_type=kind, group_id=str(server_round)))
         return out
 
