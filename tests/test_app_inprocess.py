@@ -213,6 +213,10 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         per_client = list(csv.DictReader(fh))
     assert [int(r["client-id"]) for r in per_client] == [0, 1, 2, 3]
     assert all(r["within-budget"] in ("True", "False") and int(r["predicted-train-bytes"]) > 0 for r in per_client)
+    # The budget holds what a message allocates: its working bytes less the model file's pages it mapped in.
+    for row in per_client:
+        mine = [int(m["working-bytes"]) - int(m["file-bytes"]) for m in measured if m["client-id"] == row["client-id"]]
+        assert int(row["max-allocated-bytes"]) == max(mine) <= int(row["max-working-bytes"])
     assert sum(int(r["messages"]) for r in per_client) == len(measured)
     clusters = json.loads((run_dir / "clusters.json").read_text())
     assert clusters["clustering"] == "learned" and len(clusters["groups"]) == 4 and "scores" in clusters

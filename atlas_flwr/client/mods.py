@@ -48,20 +48,25 @@ def measure_memory(message: Message, context: Context, call_next: Callable[[Mess
 
     ``working-bytes`` is the process's peak resident set while the message is handled (``VmHWM``, after
     ``clear_refs`` resets it) less its resident set before: the model built for the message, its
-    activations and optimizer, what the backbone cache and the data add on first use. ``rss-bytes`` is the
+    activations and optimizer, what the backbone cache and the data add on first use. ``file-bytes`` is
+    how much of that is file pages mapped in during the message (``RssFile`` after less before): the
+    backbone cache is a read-only mapping of the model's safetensors file, which the kernel can drop and
+    read again, so the server sets ``working-bytes - file-bytes`` against the budget. ``rss-bytes`` is the
     resident set before (the runtime, libraries and caches the process already holds). On with
     ``measure-memory = true``, where ``/proc`` allows it (Linux); elsewhere the reply goes out unchanged.
     """
     if not context.run_config.get("measure-memory", False):
         return call_next(message, context)
     try:
-        before = _status_bytes("VmRSS")
+        before, file_before = _status_bytes("VmRSS"), _status_bytes("RssFile")
         with open(_CLEAR_REFS, "w") as fh:
             fh.write("5")  # resets VmHWM to the current resident set
     except OSError:
         return call_next(message, context)
     reply = call_next(message, context)
     if reply.has_content():
-        peak = _status_bytes("VmHWM")
-        reply.content["memory"] = MetricRecord({"working-bytes": max(peak - before, 0), "rss-bytes": before})
+        peak, mapped = _status_bytes("VmHWM"), max(_status_bytes("RssFile") - file_before, 0)
+        reply.content["memory"] = MetricRecord(
+            {"working-bytes": max(peak - before, 0), "file-bytes": mapped, "rss-bytes": before}
+        )
     return reply

@@ -41,6 +41,7 @@ class MemoryLog:
                 "phase": PHASES.get(reply.metadata.message_type, reply.metadata.message_type),
                 "round": reply.metadata.group_id,
                 "working-bytes": int(memory.get("working-bytes", 0)),
+                "file-bytes": int(memory.get("file-bytes", 0)),
                 "rss-bytes": int(memory.get("rss-bytes", 0)),
             }
         )
@@ -55,7 +56,12 @@ class MemoryLog:
 
     def per_client(self, clients: Sequence[ClientInfo], predicted: Mapping[int, int]) -> list[dict[str, Any]]:
         """Per client: the largest working memory per phase and overall, its prediction and budget, and whether
-        every message stayed within the budget (empty where the client has no budget)."""
+        every message stayed within the budget (empty where the client has no budget).
+
+        A message's memory against the budget is its working bytes less the model file's pages it mapped in
+        (``file-bytes``: the read-only backbone cache, which the kernel can drop); the largest of those is
+        ``max-allocated-bytes``, and ``max-file-bytes`` the largest such mapping.
+        """
         rows = self.rows(clients)
         out = []
         for c in clients:
@@ -65,6 +71,7 @@ class MemoryLog:
                 for phase in PHASES.values()
             }
             peak = max(peaks.values(), default=0)
+            allocated = max((r["working-bytes"] - r["file-bytes"] for r in mine), default=0)
             out.append(
                 {
                     "client-id": c.client_id,
@@ -74,7 +81,9 @@ class MemoryLog:
                     "predicted-train-bytes": predicted.get(c.client_id, 0),
                     **peaks,
                     "max-working-bytes": peak,
-                    "within-budget": "" if not c.memory_bytes else peak <= c.memory_bytes,
+                    "max-file-bytes": max((r["file-bytes"] for r in mine), default=0),
+                    "max-allocated-bytes": allocated,
+                    "within-budget": "" if not c.memory_bytes else allocated <= c.memory_bytes,
                     "messages": len(mine),
                 }
             )
