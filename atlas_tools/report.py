@@ -42,6 +42,7 @@ SWITCHES = {
     "dp-clip": 0.0,
     "dp-noise": 0.0,
     "fingerprint-noise": 0.0,
+    "local-epochs-by-task": "",
 }
 #: The Laplacian's graph and input, named together in a label (``atlas+laplacian=median,held``) when either
 #: differs from the default, and only when the step runs (``laplacian-eta`` > 0 in the summary). A run made
