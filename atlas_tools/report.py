@@ -44,6 +44,8 @@ SWITCHES = {
     "fingerprint-noise": 0.0,
     "local-epochs-by-task": "",
 }
+#: Switches a preset sets itself (``atlas-split`` is ``atlas`` with ``split = auto``): no variant at that value.
+PRESET_SWITCHES = {"atlas-split": {"split": "auto"}}
 #: The Laplacian's graph and input, named together in a label (``atlas+laplacian=median,held``) when either
 #: differs from the default, and only when the step runs (``laplacian-eta`` > 0 in the summary). A run made
 #: before a switch existed lacks its key and did what the second value says.
@@ -89,6 +91,7 @@ def method_label(run_config: dict[str, Any], effective: dict[str, Any] | None = 
     """
     label = str(run_config["strategy"])
     for key, default in SWITCHES.items():
+        default = PRESET_SWITCHES.get(label, {}).get(key, default)
         value = run_config.get(key, default)
         if key in EFFECTIVE and effective and key in effective:
             value = effective[key]

@@ -266,3 +266,13 @@ def test_the_ablation_table_in_the_docs_is_what_its_command_writes() -> None:
         check=True,
     ).stdout
     assert update_section(docs, "protocol-v2-ablations", out) == docs, "run benchmarks/ablation_pairs.py --readme"
+
+
+def test_a_label_names_switches_away_from_the_presets_own() -> None:
+    from atlas_tools.report import method_label
+
+    # atlas-split sets split = auto itself; atlas with split = auto, or atlas-split at a fixed cut, is a variant.
+    assert method_label({"strategy": "atlas-split", "split": "auto"}) == "atlas-split"
+    assert method_label({"strategy": "atlas-split", "split": "3"}) == "atlas-split+split=3"
+    assert method_label({"strategy": "atlas", "split": "auto"}) == "atlas+split=auto"
+    assert method_label({"strategy": "fedavg-cluster", "split": "auto"}) == "fedavg-cluster+split=auto"
