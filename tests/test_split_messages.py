@@ -248,3 +248,19 @@ def test_split_with_budget_ranks_trains_below_the_cut_what_the_budget_allows(cfg
     assert {r for m, r in module_ranks(small).items() if ".layer.0." in m} == {2}
     assert {r for m, r in module_ranks(large).items() if ".layer.0." in m} == {8}
     assert {r for m, r in module_ranks(small).items() if ".layer.1." in m} == {8}  # the server's half
+
+
+def test_a_uniform_method_under_split_keeps_each_device_rank_cap(cfg_values: dict) -> None:
+    # Split answers the memory budget with its cut; a device's rank cap still binds a baseline's plan.
+    from atlas_flwr.server.plan import plan_federation
+    from strategies.pipeline import resolve_switches
+
+    values = {**cfg_values, "strategy": "fedavg-cluster", "clustering": "oracle", "split": "auto", "lora-rank": 8}
+    cfg = Config.from_run_config(values)
+    clients = [ClientInfo(i, i, "sst2", 20, 8, memory_bytes=10**9, max_rank=cap) for i, cap in enumerate((2, 8))]
+    plan = plan_federation(
+        None, cfg, clients, resolve_switches(cfg.strategy, cfg.clustering, cfg.ranks, cfg.aggregation)
+    )
+    held = [set(module_ranks(plan.initial[c.client_id][0]).values()) for c in clients]
+    assert held == [{2}, {8}]
+    assert [r["plan"] for r in plan.ranks] == ["shrink", "uniform"] and "cut" in plan.ranks[0]

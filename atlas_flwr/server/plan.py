@@ -99,15 +99,17 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
             plan_kind = "common"
         else:
             uniform_peak = predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, calibration=calibration)
-            fits = (client.memory_bytes == 0 or uniform_peak["total"] <= client.memory_bytes) and cap >= cfg.lora_rank
-            # Split learning answers the memory budget with its cut, and the centralized reference has no device.
-            exempt = cfg.over_budget == "train" or switches.pooled or cfg.split != "none"
+            # Split learning answers the memory budget with its cut (not the device's rank cap, which still binds),
+            # and the centralized reference has no device.
+            fits_memory = client.memory_bytes == 0 or uniform_peak["total"] <= client.memory_bytes
+            fits = (fits_memory or cfg.split != "none") and cap >= cfg.lora_rank
+            exempt = cfg.over_budget == "train" or switches.pooled
             plan_kind = "uniform" if fits or exempt else cfg.over_budget
             if plan_kind == "shrink":  # the budget allocator without fingerprints: every layer weighs the same
                 importance = [1.0] * shape.num_layers
         if importance is not None or plan_kind == "common":
             # A split client holds no frozen modules: what its budget cannot train below the cut stays unadapted.
-            split_budget = plan_kind == "budget" and cfg.split != "none"
+            split_budget = plan_kind in ("budget", "shrink") and cfg.split != "none"
             frozen_rank = cap if cfg.frozen_layers == "use" and plan_kind != "common" and not split_budget else 0
             try:
                 if split_budget:
