@@ -418,7 +418,7 @@ def predict_peak_bytes(
     if model.learned_positions and train.seq_len > model.max_positions:
         raise ValueError(f"seq_len {train.seq_len} exceeds the model's max_positions {model.max_positions}")
     ranks = _per_target_ranks(model, ranks_per_layer)
-    lora = sum(r * (i + o) for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True))
+    lora = _lora_param_count(model, ranks)
     adapted = [layer_index for layer_index, layer in enumerate(ranks) if any(layer)]
     first = adapted[0] if adapted else model.num_layers
     stored_layers = model.num_layers - first
@@ -473,7 +473,7 @@ def predict_forward_bytes(
     """
     cal = calibration or Calibration()
     ranks = _per_target_ranks(model, ranks_per_layer)
-    lora = sum(r * (i + o) for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True))
+    lora = _lora_param_count(model, ranks)
     per_layer = layer_activation_bytes(model, train, cal)
     parts = {
         "frozen_weights": _frozen_weight_bytes(model, train),
@@ -493,6 +493,11 @@ def largest_fitting_batch(price: Callable[[int], int], budget: int, batch: int) 
     while batch > 1 and budget and price(batch) > budget:
         batch //= 2
     return batch
+
+
+def _lora_param_count(model: ModelShape, ranks: Sequence[tuple[int, ...]]) -> int:
+    """LoRA parameters of per-target ranks (:func:`_per_target_ranks`): ``r * (in + out)`` per adapted target."""
+    return sum(r * (i + o) for layer in ranks for r, (i, o) in zip(layer, model.lora_targets_per_layer, strict=True))
 
 
 def _frozen_weight_bytes(model: ModelShape, train: TrainShape) -> int:

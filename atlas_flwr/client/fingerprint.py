@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from atlas_flwr.data.tokenize import batch_slices
 from atlas_flwr.models.classifier import SequenceClassifier, pool
 
 FINGERPRINT_KINDS = ("embedding", "embedding-labels", "lora-grad")
@@ -177,12 +178,10 @@ def example_features(
     loss_fn = torch.nn.CrossEntropyLoss()
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
+        labels = batch["labels"]
         model.zero_grad(set_to_none=True)
-        size = micro_batch or len(labels)
         parts = []
-        for start in range(0, len(labels), size):
-            part = {k: v[start : start + size] for k, v in batch.items()}
+        for part in batch_slices(batch, micro_batch):
             with torch.enable_grad():
                 kwargs = {k: part[k] for k in ("input_ids", "attention_mask")}
                 if "token_type_ids" in part and model._accepts_token_types:
@@ -190,7 +189,7 @@ def example_features(
                 states = model.backbone(**kwargs, output_hidden_states=True).hidden_states
                 pooled = pool(states[-1], part["attention_mask"], model.pooling)
                 # The slice's share of the batch's mean loss: the slices' gradients add up to the batch's.
-                loss = loss_fn(model.head(pooled), labels[start : start + size]) * (len(pooled) / len(labels))
+                loss = loss_fn(model.head(pooled), part["labels"]) * (len(pooled) / len(labels))
                 at = pool(states[round(depth * (len(states) - 1))], part["attention_mask"], model.pooling)
                 parts.append(at.detach())
                 loss.backward()

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from atlas_flwr.common.errors import AtlasError
+from atlas_flwr.data.tokenize import batch_slices
 
 
 def pick_device(requested: str) -> torch.device:
@@ -165,9 +166,7 @@ def evaluate(
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     total, all_labels, all_preds = 0.0, [], []
     for whole in _batches(loader, device, "evaluate"):
-        size = micro_batch or len(whole["labels"])
-        for start in range(0, len(whole["labels"]), size):
-            batch = {k: v[start : start + size] for k, v in whole.items()}
+        for batch in batch_slices(whole, micro_batch):
             labels = batch.pop("labels")
             with _autocast(device):
                 logits = model(**batch).float()

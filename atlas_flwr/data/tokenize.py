@@ -82,3 +82,13 @@ def collator(tokenizer: PreTrainedTokenizerBase, pad_to: int | None = None) -> D
     if pad_to is None:
         return DataCollatorWithPadding(tokenizer)
     return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=pad_to)
+
+
+def batch_slices(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """A padded batch as consecutive slices of at most ``size`` rows (0: the whole batch), every key cut alike.
+
+    A slice keeps the batch's padding, so each row computes what it computes in the whole batch.
+    """
+    rows = len(next(iter(batch.values())))
+    size = size or rows
+    return [{k: v[start : start + size] for k, v in batch.items()} for start in range(0, rows, size)]

@@ -51,9 +51,8 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     shape, step = model_shape(cfg), train_shape(cfg)
     prints = None
     if switches.needs_fingerprints:
-        prints = collect_fingerprints(
-            grid, clients, {c.client_id: fingerprint_batch(cfg, c, shape)[0] for c in clients}
-        )
+        slices = {c.client_id: fingerprint_batch(cfg, c, shape, step) for c in clients}
+        prints = collect_fingerprints(grid, clients, {i: batch for i, (batch, _) in slices.items()})
     tasks = [c.task for c in clients]
     groups, result = plan_groups(
         switches.clustering, tasks, None if prints is None else prints.vectors, cfg.cluster_k_max, cfg.seed
@@ -153,14 +152,16 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
         }
         if prints is not None:
             row["importance"] = " ".join(f"{x:.3g}" for x in prints.importance[i])
-            row["fingerprint-batch"], row["predicted-fingerprint-bytes"] = fingerprint_batch(cfg, client, shape)
-        row["eval-batch"], row["predicted-eval-bytes"] = eval_batch(cfg, client, shape, initial[client.client_id][0])
+            row["fingerprint-batch"], row["predicted-fingerprint-bytes"] = slices[client.client_id]
+        row["eval-batch"], row["predicted-eval-bytes"] = eval_batch(
+            cfg, client, shape, step, initial[client.client_id][0]
+        )
         rank_rows.append(row)
     members = [Member(c.client_id, c.task, g) for c, g in zip(clients, groups, strict=True)]
     return Plan(members, initial, adjacency, clusters, rank_rows, frozen, dropped)
 
 
-def fingerprint_batch(cfg: Config, client: ClientInfo, shape: ModelShape) -> tuple[int, int]:
+def fingerprint_batch(cfg: Config, client: ClientInfo, shape: ModelShape, step: TrainShape) -> tuple[int, int]:
     """The slice size of a client's fingerprint and its predicted peak: the largest of ``eval-batch-size``,
     its halves, ... 1 at which a forward and backward through every layer's ``lora-rank`` adapter (the
     fingerprint's model; gradients, no optimizer) fits the client's budget."""
@@ -168,14 +169,14 @@ def fingerprint_batch(cfg: Config, client: ClientInfo, shape: ModelShape) -> tup
     full = 1 if cfg.fingerprint_kind == "lora-grad" else cfg.eval_batch_size
 
     def price(batch: int) -> int:
-        step = replace(train_shape(cfg), batch=batch)
-        return predict_peak_bytes(shape, step, [cfg.lora_rank] * shape.num_layers, "sgd", calibration)["total"]
+        sliced = replace(step, batch=batch)
+        return predict_peak_bytes(shape, sliced, [cfg.lora_rank] * shape.num_layers, "sgd", calibration)["total"]
 
     batch = largest_fitting_batch(price, client.memory_bytes, full)
     return batch, price(batch)
 
 
-def eval_batch(cfg: Config, client: ClientInfo, shape: ModelShape, adapter: State) -> tuple[int, int]:
+def eval_batch(cfg: Config, client: ClientInfo, shape: ModelShape, step: TrainShape, adapter: State) -> tuple[int, int]:
     """The slice size of a client's evaluation and its predicted peak: the largest of ``eval-batch-size``,
     its halves, ... 1 at which a forward without gradients through the adapter it holds fits its budget."""
     calibration = Calibration.for_device(client.device)
@@ -185,7 +186,7 @@ def eval_batch(cfg: Config, client: ClientInfo, shape: ModelShape, adapter: Stat
         ranks[layer_of(module)][target] = rank
 
     def price(batch: int) -> int:
-        return predict_forward_bytes(shape, replace(train_shape(cfg), batch=batch), ranks, calibration)["total"]
+        return predict_forward_bytes(shape, replace(step, batch=batch), ranks, calibration)["total"]
 
     batch = largest_fitting_batch(price, client.memory_bytes, cfg.eval_batch_size)
     return batch, price(batch)

@@ -328,7 +328,9 @@ class AtlasStrategy(Strategy):
         pipeline = self._pipeline()
         out = []
         # An evaluation runs in slices its client's budget holds (the plan's eval-batch; none in older checkpoints).
-        slices = {int(r["client-id"]): int(r.get("eval-batch", 0)) for r in self._plan.ranks} if self._plan else {}
+        slices = {}
+        if kind == MessageType.EVALUATE and self._plan is not None:
+            slices = {int(r["client-id"]): int(r.get("eval-batch", 0)) for r in self._plan.ranks}
         for c in clients:
             content = content_for(pipeline, c, server_round, self.cfg.precision)
             content["config"] = ConfigRecord({**dict(config), **dict(content["config"])})
