@@ -10,11 +10,11 @@ from flwr.clientapp import ClientApp
 from atlas_flwr.client import split_client
 from atlas_flwr.client.identity import client_identity
 from atlas_flwr.client.local import initial_state, new_model
-from atlas_flwr.client.split_client import batch_at, batch_plan, seed_state, split_step
+from atlas_flwr.client.split_client import batch_at, batch_plan, split_step
 from atlas_flwr.client.train import seed_for
 from atlas_flwr.common.config import Config
 from atlas_flwr.common.records import to_numpy, to_torch
-from atlas_flwr.common.split_train import ClientSide
+from atlas_flwr.common.split_train import ClientSide, RngState
 from atlas_flwr.common.state import module_ranks, state_digest
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state
 from atlas_flwr.models.split import SplitClassifier
@@ -99,13 +99,14 @@ def test_message_rounds_match_direct_steps_with_and_without_worker_cache(cfg_val
         )
         load_adapter_state(m, to_torch(bottom))
         side = ClientSide(SplitClassifier(m, "bert", 1), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        rng = seed_state(seed_for(cfg.seed, cid, 1))  # one random stream per client, through both halves
+        rng = seed_for(cfg.seed, cid, 1)  # one random stream per client, through both halves
         for step in range(3):
             batch = batch_at(cfg, cid, 1, step)
             acts = side.forward(batch, rng)
-            grad, _ = direct_server.step(acts, batch["attention_mask"], batch["labels"], torch.get_rng_state())
-            rng = torch.get_rng_state()
+            grad, _ = direct_server.step(acts, batch["attention_mask"], batch["labels"], RngState.now())
+            rng = RngState.now()
             side.backward(grad)
+        direct_server.settle()
         direct = to_numpy(adapter_state(side.split.model))
         for key, value in direct.items():
             torch.testing.assert_close(torch.from_numpy(cached.bottoms[cid][key]), torch.from_numpy(value))
@@ -177,9 +178,14 @@ def test_split_budget_too_small_is_one_line(cfg_values: dict) -> None:
         run_federation(LocalGrid(client_app, values, cfg.num_clients), cfg)
 
 
+#: How close a split run's states are to the federated run's: fp32 on the CPU; in fp16 autocast on CUDA the
+#: two runs round the same kernels' outputs, but attention's backward accumulates in a nondeterministic order.
+TOLERANCE = {"rtol": 2e-2, "atol": 1e-3} if torch.cuda.is_available() else {"rtol": 1e-4, "atol": 1e-6}
+
+
 def _same_states_with_and_without_the_cut(values: dict) -> tuple[dict[str, list], list]:
     """Run ``values`` without split and cut at block 1; assert every client ends with the same adapter and
-    head (rtol 1e-4); return both runs' states and pipelines."""
+    head (:data:`TOLERANCE`); return both runs' states and pipelines."""
     from atlas_flwr.client_app import app as client_app
     from atlas_flwr.server_app import run_federation
 
@@ -193,18 +199,19 @@ def _same_states_with_and_without_the_cut(values: dict) -> tuple[dict[str, list]
     for (adapter, head), (split_adapter_, split_head) in zip(states["none"], states["1"], strict=True):
         assert set(adapter) == set(split_adapter_)
         for key in adapter:
-            np.testing.assert_allclose(split_adapter_[key], adapter[key], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(split_adapter_[key], adapter[key], **TOLERANCE)
         for key in head:
-            np.testing.assert_allclose(split_head[key], head[key], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(split_head[key], head[key], **TOLERANCE)
     return states, pipelines
 
 
 def test_split_rounds_compute_what_federated_rounds_compute(cfg_values: dict) -> None:
     """Cutting the model changes where each step runs, not what it computes: dropout included.
 
-    On the CPU, where split halves run: a federated client with a GPU trains in fp16 autocast instead."""
+    ``device = auto``: on a GPU both halves run on CUDA in fp16 autocast with one loss scale, as the federated
+    client does; without one, on the CPU."""
 
-    values = {**cfg_values, "tasks": "sst2,mrpc", "num-server-rounds": 2, "max-eval-samples": 8, "device": "cpu"}
+    values = {**cfg_values, "tasks": "sst2,mrpc", "num-server-rounds": 2, "max-eval-samples": 8, "device": "auto"}
     assert values["lora-dropout"] > 0  # and the tiny BERT's hidden and attention dropout are 0.1
     states = _same_states_with_and_without_the_cut(values)[0]
     assert any(np.abs(a[k]).sum() > 0 for a, _ in states["1"] for k in a if "lora_B" in k)

@@ -81,6 +81,7 @@ def test_split_steps_equal_joint_steps(no_dropout_bert: str) -> None:
         grad, split_loss = server.step(activations, batch["attention_mask"], batch["labels"], seed=step)
         client.backward(grad)
         assert split_loss == pytest.approx(loss.item(), abs=1e-6)
+    server.settle()  # the server takes each step when the client's next message arrives; this is the last
     moved = 0
     for (name, p_joint), p_split in zip(joint.named_parameters(), split_model.parameters(), strict=True):
         if p_joint.requires_grad:
@@ -123,3 +124,46 @@ def test_bad_gradient_is_refused(no_dropout_bert: str) -> None:
         client.backward(torch.full_like(activations, float("nan")))
     with pytest.raises(AtlasError, match="did not run"):
         ClientSide(split, lr=LR, weight_decay=WD).backward(torch.zeros_like(activations))
+
+
+def test_one_loss_scale_across_the_cut(no_dropout_bert: str) -> None:
+    """fp16 loss scaling as a CUDA run uses it, here in fp32: a power-of-two scale changes no step, and an
+    overflow in either half skips both halves' steps and halves the scale, as GradScaler does for one model."""
+    runs = []
+    for scaling in (False, True):
+        split = SplitClassifier(_model(no_dropout_bert), "bert", cut=2)
+        client = ClientSide(split, lr=LR, weight_decay=WD)
+        server = ServerSide(split, lr=LR, head_lr=HEAD_LR, weight_decay=WD, loss_scaling=scaling)
+        for step, batch in enumerate(_batches(no_dropout_bert)):
+            activations = client.forward(batch, seed=step)
+            grad, _ = server.step(activations, batch["attention_mask"], batch["labels"], seed=step)
+            scale = server.loss_scale.scale if scaling else None
+            assert not client.backward(grad, scale=scale, skip=server.overflowed)
+        server.settle()
+        assert server.loss_scale.scale == (2.0**16 if scaling else 1.0)
+        runs.append([p.detach().clone() for p in split.model.parameters() if p.requires_grad])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b)
+
+    split = SplitClassifier(_model(no_dropout_bert), "bert", cut=2)
+    client = ClientSide(split, lr=LR, weight_decay=WD)
+    server = ServerSide(split, lr=LR, head_lr=HEAD_LR, weight_decay=WD, loss_scaling=True)
+    before = [p.detach().clone() for p in split.model.parameters() if p.requires_grad]
+    batch = _batches(no_dropout_bert)[0]
+    server.loss_scale.scale = 2.0**200  # the scaled loss overflows fp32, as 2**16 can overflow fp16
+    grad, _ = server.step(client.forward(batch, seed=0), batch["attention_mask"], batch["labels"], seed=0)
+    assert server.overflowed
+    assert client.backward(grad, scale=server.loss_scale.scale, skip=True)  # a non-finite gradient: skipped
+    server.settle(client_overflow=True)
+    assert server.loss_scale.scale == 2.0**199
+    after = [p.detach() for p in split.model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    # Only the client's half overflows: the server skips its step too.
+    server.loss_scale.scale = 2.0**10
+    grad, _ = server.step(client.forward(batch, seed=1), batch["attention_mask"], batch["labels"], seed=1)
+    assert not server.overflowed
+    top = [p.detach().clone() for p in split.parameters("server")]
+    server.settle(client_overflow=True)
+    assert all(torch.equal(a, b) for a, b in zip(top, split.parameters("server"), strict=True))
+    assert server.loss_scale.scale == 2.0**9

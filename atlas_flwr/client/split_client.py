@@ -6,8 +6,11 @@ labels). The first message of a round carries the bottom adapter; the last one a
 Between messages the client keeps its bottom adapter, AdamW state and the random state its last
 forward started from in ``context.state``, because the simulation engine does not tie a node to
 one worker process. A worker that still holds the graph of the previous forward uses it; another
-one recomputes that forward from the same random state. Each step's random state travels with the
-activations and the gradient (5 KB), so dropout draws what a federated client's would.
+one recomputes that forward from the same random state. Each step's random state (the CPU
+generator's, and the CUDA one's on a GPU) travels with the activations and the gradient (5 KB), so
+dropout draws what a federated client's would. On CUDA the bottom runs in fp16 autocast; the gradient
+comes with the loss scale, and the reply says whether this half overflowed (``overflow``), so that
+the server skips its step with the client's.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from atlas_flwr.client.local import client_data, new_model
-from atlas_flwr.client.train import seed_for
+from atlas_flwr.client.train import pick_device, seed_for
 from atlas_flwr.common.config import Config
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.common.records import from_record, to_record, to_torch
-from atlas_flwr.common.split_train import ClientSide
+from atlas_flwr.common.split_train import ClientSide, RngState, rng_arrays, rng_from
 from atlas_flwr.common.state import module_ranks
 from atlas_flwr.data.tokenize import collator
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state, load_tokenizer
@@ -32,11 +35,6 @@ from atlas_flwr.models.registry import resolve_model
 from atlas_flwr.models.split import SplitClassifier
 
 STATE_ADAPTER, STATE_OPTIMIZER, STATE_RNG = "split-bottom", "split-optimizer", "split-rng"
-
-
-def seed_state(seed: int) -> torch.Tensor:
-    """The CPU generator state ``torch.manual_seed(seed)`` sets (a federated client's state when it starts)."""
-    return torch.Generator().manual_seed(seed).get_state()
 
 
 @dataclass
@@ -80,7 +78,7 @@ def _new_client(cfg: Config, task: str, bottom: dict, cut: int) -> ClientSide:
     load_adapter_state(model, to_torch(bottom))
     split = SplitClassifier(model, resolve_model(cfg.model).family, cut)
     split.drop_top()  # the client's memory is its bottom's, as the split memory model assumes
-    return ClientSide(split, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return ClientSide(split, lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device))
 
 
 def split_step(message: Message, context: Context, cfg: Config, client_id: int) -> Message:
@@ -106,30 +104,33 @@ def split_step(message: Message, context: Context, cfg: Config, client_id: int) 
         worker = _Worker(server_round, step, client)
     records = message.content.array_records
     # Dropout draws continue from where the server's top left them (the first step: the federated seed).
-    rng = seed_state(seed_for(cfg.seed, client_id, server_round))
+    rng: int | RngState = seed_for(cfg.seed, client_id, server_round)
+    overflow = False
     if "grad" in records:
         received = from_record(records["grad"])
-        previous = step - 1
-        worker.client.backward(
+        overflow = worker.client.backward(
             torch.from_numpy(received["grad"].copy()),
-            batch_at(cfg, client_id, server_round, previous),
-            torch.from_numpy(from_record(context.state.array_records[STATE_RNG])["before"].copy()),
+            batch_at(cfg, client_id, server_round, step - 1),
+            rng_from(from_record(context.state.array_records[STATE_RNG])),
+            scale=float(received["scale"][0]) if "scale" in received else None,
+            skip=bool(received["overflow"][0]) if "overflow" in received else False,
         )
-        rng = torch.from_numpy(received["rng"].copy())
+        rng = rng_from(received)
     bottom_now = adapter_state(worker.client.split.model)
     context.state.array_records[STATE_ADAPTER] = to_record(bottom_now)
     context.state.array_records[STATE_OPTIMIZER] = to_record(worker.client.optimizer_state())
-    content = RecordDict({"metrics": MetricRecord({"client-id": client_id, "steps": len(plan)})})
+    metrics = {"client-id": client_id, "steps": len(plan), "overflow": int(overflow)}
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     if step < len(plan):
         batch = batch_at(cfg, client_id, server_round, step)
         activations = worker.client.forward(batch, rng)
-        context.state.array_records[STATE_RNG] = to_record({"before": rng})
+        context.state.array_records[STATE_RNG] = to_record(rng_arrays(rng))
         content["activations"] = to_record(
             {
                 "activations": activations,
                 "attention-mask": batch["attention_mask"],
                 "labels": batch["labels"],
-                "rng": torch.get_rng_state(),
+                **rng_arrays(RngState.now(worker.client.device)),
             }
         )
         worker.step = step + 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader
 # generator, so the batches would differ from the loader's own order (which split learning replays).
 from tqdm import tqdm
 
+from atlas_flwr.common.compute import autocast
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.data.tokenize import batch_slices
 
@@ -33,13 +33,6 @@ def pick_device(requested: str) -> torch.device:
 def seed_for(*parts: int) -> int:
     """A 31-bit seed derived from (seed, client, round, ...): distinct streams, reproducible."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    # fp16 autocast on CUDA (T4 has no fast bf16); the CPU path stays fp32.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def _batches(loader: DataLoader, device: torch.device, desc: str) -> Iterator[dict[str, torch.Tensor]]:
@@ -122,7 +115,7 @@ def train_local(
     for epoch in range(epochs):
         for batch in _batches(loader, device, f"train epoch {epoch + 1}/{epochs}"):
             labels = batch.pop("labels")
-            with _autocast(device):
+            with autocast(device):
                 loss = loss_fn(model(**batch), labels)
             if not math.isfinite(loss.item()):
                 raise AtlasError(f"training loss became {loss.item()} at step {steps}: lower lr (now {lr})")
@@ -168,7 +161,7 @@ def evaluate(
     for whole in _batches(loader, device, "evaluate"):
         for batch in batch_slices(whole, micro_batch):
             labels = batch.pop("labels")
-            with _autocast(device):
+            with autocast(device):
                 logits = model(**batch).float()
             total += loss_fn(logits, labels).item()
             all_labels.append(labels.cpu().numpy())

@@ -11,43 +11,142 @@ process that runs the backward is not the one that ran the forward (simulation d
 node to one worker), it recomputes the forward from the same random state, which gives the same
 activations and dropout masks.
 
-Random state: each call takes a seed or a CPU generator state (``torch.get_rng_state()``) and
-draws its dropout masks from it. Passing the state on (client forward -> server step -> the
-client's next forward) draws the masks a federated client's forward of the whole model draws, so
-a split round computes what a federated round computes, dropout included.
+Random state: each call takes a seed or an :class:`RngState` (the CPU generator's state and, on CUDA,
+the device generator's, where dropout draws its masks there) and draws its dropout masks from it.
+Passing the state on (client forward -> server step -> the client's next forward) draws the masks a
+federated client's forward of the whole model draws, so a split round computes what a federated
+round computes, dropout included.
+
+Devices: each half computes on its own device. On CUDA it runs in fp16 autocast, as
+``train.train_local`` does, and the two halves share one dynamic loss scale (:class:`LossScale`, the
+rule of ``torch.amp.GradScaler``): the server scales the loss, the activations' gradient crosses the
+cut scaled, and each half unscales its own gradients. A step is taken only when neither half's
+gradients overflowed, as GradScaler skips a step of the whole model. The server learns whether the
+client's half overflowed from the client's next message, so it takes each step one message late,
+still before its next forward (:meth:`ServerSide.settle`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from atlas_flwr.common.compute import autocast
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.models.split import SplitClassifier
 
 Batch = Mapping[str, torch.Tensor]
-#: A seed, or a CPU generator state to continue from.
-Rng = int | torch.Tensor
+CPU = torch.device("cpu")
 
 
-def _start(rng: Rng) -> None:
-    if isinstance(rng, torch.Tensor):
-        torch.set_rng_state(rng)
+@dataclass(frozen=True)
+class RngState:
+    """Where the random generators stand: the CPU one and, when the half runs on CUDA, the device's."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+
+    @classmethod
+    def now(cls, device: torch.device = CPU) -> RngState:
+        """The generators' state now (the CUDA one only when ``device`` is a CUDA device)."""
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def same_as(self, other: object) -> bool:
+        if not isinstance(other, RngState) or (self.cuda is None) != (other.cuda is None):
+            return False
+        return torch.equal(self.cpu, other.cpu) and (self.cuda is None or torch.equal(self.cuda, other.cuda))
+
+
+#: A seed (as ``torch.manual_seed`` takes it: a federated client's start), or a state to continue from.
+Rng = int | RngState
+
+
+def rng_arrays(rng: Rng) -> dict[str, np.ndarray]:
+    """``rng`` as arrays for a message or ``context.state`` (:func:`rng_from` reads them back)."""
+    if isinstance(rng, int):
+        return {"seed": np.array([rng], dtype=np.int64)}
+    out = {"rng": rng.cpu.numpy()}
+    if rng.cuda is not None:
+        out["cuda-rng"] = rng.cuda.cpu().numpy()
+    return out
+
+
+def rng_from(arrays: Mapping[str, np.ndarray]) -> Rng:
+    """The seed or state that :func:`rng_arrays` wrote."""
+    if "seed" in arrays:
+        return int(arrays["seed"][0])
+    cuda = arrays.get("cuda-rng")
+    return RngState(
+        torch.from_numpy(np.array(arrays["rng"], copy=True)),
+        None if cuda is None else torch.from_numpy(np.array(cuda, copy=True)),
+    )
+
+
+def _start(rng: Rng, device: torch.device) -> None:
+    if isinstance(rng, RngState):
+        torch.set_rng_state(rng.cpu)
+        if rng.cuda is not None:
+            torch.cuda.set_rng_state(rng.cuda, device if device.type == "cuda" else "cuda")
     else:
-        torch.manual_seed(rng)
+        torch.manual_seed(rng)  # seeds the CPU and every CUDA generator, as a federated client's start does
 
 
 def _same(a: Rng, b: Rng) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    return a == b
+    return a.same_as(b) if isinstance(a, RngState) else a == b
 
 
-def _inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+def _inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+    return ids.to(device), mask.to(device), None if types is None else types.to(device)
+
+
+def _scaler_default(name: str) -> float:
+    return inspect.signature(torch.amp.GradScaler.__init__).parameters[name].default
+
+
+@dataclass
+class LossScale:
+    """One dynamic loss scale for both halves, with ``torch.amp.GradScaler``'s rule and defaults.
+
+    GradScaler cannot serve the cut itself: it keeps its overflow flags per optimizer in one process,
+    and the two halves' optimizers live in two. A fresh one per round, as ``train_local`` makes a fresh
+    GradScaler per call. Disabled (scale 1, never updated) where the loss is not scaled (the CPU, fp32).
+    """
+
+    enabled: bool = True
+    scale: float = field(default_factory=lambda: float(_scaler_default("init_scale")))
+    clean_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            self.scale = 1.0
+
+    def update(self, overflow: bool) -> None:
+        """Back off after an overflow; grow after ``growth_interval`` clean steps in a row."""
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale *= _scaler_default("backoff_factor")
+            self.clean_steps = 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps == _scaler_default("growth_interval"):
+            self.scale *= _scaler_default("growth_factor")
+            self.clean_steps = 0
+
+
+def unscale(params: Sequence[torch.nn.Parameter], scale: float) -> bool:
+    """Divide the gradients of ``params`` by ``scale`` (a power of two: exact); whether any is not finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if scale != 1.0:
+        for grad in grads:
+            grad.mul_(1.0 / scale)
+    return not all(bool(torch.isfinite(grad).all()) for grad in grads)
 
 
 class _AdamWSide:
@@ -74,14 +173,16 @@ class _AdamWSide:
                 raise AtlasError(
                     f"optimizer state {name!r} has shape {tuple(tensor.shape)}: expected {tuple(param.shape)}"
                 )
-            self.optimizer.state[param][key] = tensor
+            # AdamW keeps its step counts on the CPU (not capturable) and its moments beside the parameter.
+            self.optimizer.state[param][key] = tensor if key == "step" else tensor.to(param.device)
 
 
 class ClientSide(_AdamWSide):
-    """The client's half: embeddings, blocks [0, cut) and their LoRA, with their AdamW."""
+    """The client's half: embeddings, blocks [0, cut) and their LoRA, with their AdamW, on ``device``."""
 
-    def __init__(self, split: SplitClassifier, *, lr: float, weight_decay: float) -> None:
-        self.split = split
+    def __init__(self, split: SplitClassifier, *, lr: float, weight_decay: float, device: torch.device = CPU) -> None:
+        self.split, self.device = split, device
+        split.model.to(device)
         self.params = split.parameters("client")
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self._pending: tuple[Rng, torch.Tensor] | None = None
@@ -89,36 +190,66 @@ class ClientSide(_AdamWSide):
     def forward(self, batch: Batch, seed: Rng) -> torch.Tensor:
         """Cut-layer activations of ``batch`` (a detached copy, to send); the graph is kept for backward.
 
-        Dropout draws from ``seed``; ``torch.get_rng_state()`` afterwards is where the top continues."""
+        Dropout draws from ``seed``; ``RngState.now(device)`` afterwards is where the top continues."""
         self.split.model.train()
-        _start(seed)  # a recomputation from the same seed or state reproduces the dropout masks
-        activations = self.split.bottom(*_inputs(batch))
+        _start(seed, self.device)  # a recomputation from the same seed or state reproduces the dropout masks
+        with autocast(self.device):
+            activations = self.split.bottom(*_inputs(batch, self.device))
         self._pending = (seed, activations)
         return activations.detach()
 
-    def backward(self, grad: torch.Tensor, batch: Batch | None = None, seed: Rng | None = None) -> None:
-        """Backpropagate the server's gradient through the bottom and take one AdamW step.
+    def backward(
+        self,
+        grad: torch.Tensor,
+        batch: Batch | None = None,
+        seed: Rng | None = None,
+        *,
+        scale: float | None = None,
+        skip: bool = False,
+    ) -> bool:
+        """Backpropagate the server's gradient through the bottom and take one AdamW step; whether this half
+        overflowed.
 
         Without the graph of the forward (another process ran it), ``batch`` and ``seed`` recompute it.
+        ``scale`` is the loss scale the gradient carries (None: the loss was not scaled, and a gradient that
+        is not finite is an error); with it, the step is skipped when this half's gradients overflow or
+        ``skip`` says the server's did.
         """
         if self._pending is None or (seed is not None and not _same(self._pending[0], seed)):
             if batch is None or seed is None:
                 raise AtlasError("a gradient arrived for a forward this client did not run: send the batch and seed")
             self.forward(batch, seed)
         _, activations = self._pending
-        if grad.shape != activations.shape or not torch.isfinite(grad).all():
+        if grad.shape != activations.shape or (scale is None and not torch.isfinite(grad).all()):
             raise AtlasError(f"gradient of shape {tuple(grad.shape)} is not finite or not {tuple(activations.shape)}")
         self.optimizer.zero_grad(set_to_none=True)
-        activations.backward(grad)
-        self.optimizer.step()
+        activations.backward(grad.to(self.device, activations.dtype))
+        overflow = scale is not None and unscale(self.params, scale)
+        if not (overflow or skip):
+            self.optimizer.step()
         self._pending = None
+        return overflow
 
 
 class ServerSide(_AdamWSide):
-    """The server's half for one client: blocks [cut, L), their LoRA and the task head, with their AdamW."""
+    """The server's half for one client: blocks [cut, L), their LoRA and the task head, with their AdamW.
 
-    def __init__(self, split: SplitClassifier, *, lr: float, head_lr: float, weight_decay: float) -> None:
-        self.split = split
+    ``loss_scaling``: scale the loss with one :class:`LossScale` for both halves (the client's bottom runs
+    in fp16 autocast, on CUDA); off on the CPU, where both halves train in fp32.
+    """
+
+    def __init__(
+        self,
+        split: SplitClassifier,
+        *,
+        lr: float,
+        head_lr: float,
+        weight_decay: float,
+        device: torch.device = CPU,
+        loss_scaling: bool = False,
+    ) -> None:
+        self.split, self.device, self.loss_scaling = split, device, loss_scaling
+        split.model.to(device)
         self.lr, self.head_lr, self.weight_decay = lr, head_lr, weight_decay
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self._new_optimizer()
@@ -132,10 +263,12 @@ class ServerSide(_AdamWSide):
         ]
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.weight_decay)
+        self.loss_scale = LossScale(enabled=self.loss_scaling)
+        self._overflow: bool | None = None  # this half's overflow in the step not yet taken (None: none pending)
 
     def restart(self, top: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> None:
-        """Start a round from ``top`` (the adapter of blocks >= cut) and ``head``, with fresh AdamW moments,
-        as a federated client starts its local training."""
+        """Start a round from ``top`` (the adapter of blocks >= cut) and ``head``, with fresh AdamW moments
+        and loss scale, as a federated client starts its local training."""
         from atlas_flwr.common.records import to_torch
         from atlas_flwr.models.classifier import load_adapter_state, load_head_state
 
@@ -144,16 +277,41 @@ class ServerSide(_AdamWSide):
         self._new_optimizer()
 
     def step(
-        self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, seed: Rng
+        self,
+        activations: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        seed: Rng,
+        client_overflow: bool = False,
     ) -> tuple[torch.Tensor, float]:
-        """Forward and backward of the top on received activations, one AdamW step; the activations' gradient."""
+        """Settle the previous step (``client_overflow``: the client's half overflowed in it), then forward and
+        backward the top on received activations; the activations' gradient, scaled by ``loss_scale.scale``.
+
+        This step's AdamW update waits for :meth:`settle`, which the next call or the round's end makes."""
+        self.settle(client_overflow)
         self.split.model.train()
-        _start(seed)
-        received = activations.detach().requires_grad_(True)
-        loss = self.loss_fn(self.split.top(received, attention_mask), labels)
+        _start(seed, self.device)
+        received = activations.to(self.device).detach().requires_grad_(True)
+        with autocast(self.device):
+            loss = self.loss_fn(self.split.top(received, attention_mask.to(self.device)), labels.to(self.device))
         if not math.isfinite(loss.item()):
             raise AtlasError(f"split training loss became {loss.item()}: lower lr")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        (loss * self.loss_scale.scale if self.loss_scale.enabled else loss).backward()
+        self._overflow = self.loss_scale.enabled and unscale(self.params, self.loss_scale.scale)
         return received.grad.detach(), float(loss.item())
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether this half's gradients overflowed in the step not yet settled (the client then skips too)."""
+        return bool(self._overflow)
+
+    def settle(self, client_overflow: bool = False) -> None:
+        """Take the pending AdamW step unless either half overflowed, and update the loss scale."""
+        if self._overflow is None:
+            return
+        overflow = self._overflow or client_overflow
+        if not overflow:
+            self.optimizer.step()
+        self.loss_scale.update(overflow)
+        self._overflow = None

@@ -18,7 +18,6 @@ from atlas_flwr.common.records import to_numpy
 from atlas_flwr.common.state import State, module_ranks
 from atlas_flwr.server.protocol import collect_fingerprints
 from atlas_flwr.server.shapes import model_shape, train_shape
-from atlas_flwr.server.split_server import SPLIT_DEVICE
 from strategies.clustering import adjusted_rand
 from strategies.memory import (
     Calibration,
@@ -81,7 +80,7 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     built: dict[tuple, tuple[State, State]] = {}
     common = _common_ranks(cfg, clients, shape, step) if switches.ranks == "common" else None
     for i, client in enumerate(clients):
-        trains_on, cap = _trains_on(cfg, client), _rank_cap(cfg, client)
+        trains_on, cap = client.device, _rank_cap(cfg, client)
         calibration = Calibration.for_device(trains_on)
         row: dict[str, Any] = {
             "client-id": client.client_id,
@@ -197,11 +196,6 @@ def _fixed_cut(cfg: Config) -> int | None:
     return None if cfg.split == "auto" else int(cfg.split)
 
 
-def _trains_on(cfg: Config, client: ClientInfo) -> str:
-    """Where a client's training step runs: split halves compute on SPLIT_DEVICE, else its own device."""
-    return SPLIT_DEVICE if cfg.split != "none" else client.device
-
-
 def _rank_cap(cfg: Config, client: ClientInfo) -> int:
     """The highest rank a client may train: ``lora-rank``, lowered by its device's rank cap (0: none)."""
     return min(cfg.lora_rank, client.max_rank or cfg.lora_rank)
@@ -215,7 +209,7 @@ def _common_ranks(cfg: Config, clients: Sequence[ClientInfo], shape: ModelShape,
     """
     plans = []
     for client in clients:
-        cap, calibration = _rank_cap(cfg, client), Calibration.for_device(_trains_on(cfg, client))
+        cap, calibration = _rank_cap(cfg, client), Calibration.for_device(client.device)
         try:
             allocation = allocate_ranks(
                 shape, step, client.memory_bytes, [1.0] * shape.num_layers, max_rank=cap, calibration=calibration

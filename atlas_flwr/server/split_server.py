@@ -34,14 +34,11 @@ from atlas_flwr.client.fingerprint import layer_of
 from atlas_flwr.common.config import Config
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.common.records import from_record, to_record
-from atlas_flwr.common.split_train import ServerSide
+from atlas_flwr.common.split_train import RngState, ServerSide, rng_arrays, rng_from
 from atlas_flwr.common.state import State, module_ranks
 from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.server.messaging import exchange
 from strategies.pipeline import ClientInfo, Update
-
-#: Where split halves compute, whatever the client has: split_train places nothing on a device yet.
-SPLIT_DEVICE = "cpu"
 
 
 def split_adapter(adapter: State, cut: int) -> tuple[State, State]:
@@ -91,7 +88,7 @@ def run_split_round(
 ) -> SplitRoundResult:
     """Run every client's steps of one round; return their final bottoms (their tops stay in their halves)."""
     clients = sorted(clients, key=lambda c: c.client_id)
-    grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    grads: dict[int, dict[str, np.ndarray]] = {}
     finals: dict[int, State] = {}
     examples: dict[int, int] = {}
     traffic: dict[str, float] = defaultdict(float)
@@ -108,8 +105,7 @@ def run_split_round(
             if steps == 0:
                 content["bottom"] = to_record(bottoms[client.client_id])
             if client.client_id in grads:
-                grad, rng = grads.pop(client.client_id)
-                content["grad"] = to_record({"grad": grad, "rng": rng})
+                content["grad"] = to_record(grads.pop(client.client_id))
             message = Message(
                 content, dst_node_id=client.info.node_id, message_type="train.split", group_id=str(server_round)
             )
@@ -142,19 +138,29 @@ def run_split_round(
             records = reply.content.array_records
             for name, size in _record_bytes(reply, ("activations", "bottom")).items():
                 traffic[{"activations": "activations-up", "bottom": "adapters-up"}[name]] += size
+            # Whether the client's half overflowed in the step its message just applied (fp16 on CUDA).
+            client_overflow = bool(reply.content.metric_records["metrics"].get("overflow", 0))
             if "activations" in records:
                 arrays = from_record(records["activations"])
-                grad, loss = client.server.step(
+                half = client.server
+                grad, loss = half.step(
                     torch.from_numpy(arrays["activations"].copy()),
                     torch.from_numpy(arrays["attention-mask"].copy()),
                     torch.from_numpy(arrays["labels"].copy()),
                     # Dropout continues from the client's bottom; the client's next forward from here.
-                    seed=torch.from_numpy(arrays["rng"].copy()),
+                    seed=rng_from(arrays),
+                    client_overflow=client_overflow,
                 )
-                grads[client.client_id] = (grad.numpy(), torch.get_rng_state().numpy())
+                grads[client.client_id] = {"grad": grad, **rng_arrays(RngState.now(half.device))}
+                if half.loss_scale.enabled:
+                    grads[client.client_id] |= {
+                        "scale": np.array([half.loss_scale.scale]),
+                        "overflow": np.array([int(half.overflowed)]),
+                    }
                 losses[client.client_id].append((loss, len(arrays["labels"])))
                 still.append(client)
             elif "bottom" in records:
+                client.server.settle(client_overflow)  # the round's last step
                 finals[client.client_id] = from_record(records["bottom"])
                 examples[client.client_id] = int(reply.content.metric_records["metrics"]["num-examples"])
             else:
@@ -216,10 +222,28 @@ def start_round(clients: Sequence[SplitClient], states: Mapping[int, tuple[State
 
 
 def server_half(
-    model: torch.nn.Module, family: str, cut: int, lr: float, head_lr: float, weight_decay: float
+    model: torch.nn.Module,
+    family: str,
+    cut: int,
+    lr: float,
+    head_lr: float,
+    weight_decay: float,
+    client_device: str = "cpu",
 ) -> ServerSide:
-    """A server half: the top of ``model`` from ``cut``."""
-    return ServerSide(SplitClassifier(model, family, cut), lr=lr, head_lr=head_lr, weight_decay=weight_decay)
+    """A server half: the top of ``model`` from ``cut``.
+
+    It computes where its client's bottom does: on CUDA (fp16 autocast, one loss scale across the cut) for
+    a client that trains on CUDA, when this process has a GPU; else on the CPU. A CUDA client's loss is
+    scaled wherever the top runs, because its bottom's fp16 backward needs it."""
+    device = torch.device("cuda" if client_device == "cuda" and torch.cuda.is_available() else "cpu")
+    return ServerSide(
+        SplitClassifier(model, family, cut),
+        lr=lr,
+        head_lr=head_lr,
+        weight_decay=weight_decay,
+        device=device,
+        loss_scaling=client_device == "cuda",
+    )
 
 
 def _layer_ranks(adapter: State, num_layers: int) -> list[int]:
@@ -251,7 +275,7 @@ def plan_split(
     family = resolve_model(cfg.model).family
     planned, choices = [], []
     for client in clients:
-        calibration = Calibration.for_device(SPLIT_DEVICE)
+        calibration = Calibration.for_device(client.device)
         try:
             if cuts and client.client_id in cuts:
                 cut = cuts[client.client_id]
@@ -266,7 +290,7 @@ def plan_split(
             raise AtlasError(f"client {client.client_id} ({client.device_profile}): {err}") from err
         adapter, head = states[client.client_id]
         model = loaded_model(cfg, client.task, split_adapter(adapter, cut)[1], head)
-        server = server_half(model, family, cut, cfg.lr, cfg.head_lr, cfg.weight_decay)
+        server = server_half(model, family, cut, cfg.lr, cfg.head_lr, cfg.weight_decay, client.device)
         planned.append(SplitClient(client, cut, server))
         choices.append(
             {
