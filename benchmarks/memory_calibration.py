@@ -259,8 +259,9 @@ def child(spec: dict) -> dict:
     _warm_up_runtime(torch, device)
     source = resolve_model(spec["path"])
     quantization, checkpointing = spec.get("quantization", "none"), spec.get("checkpointing", False)
+    dtype = spec.get("base_dtype", "fp32")
     # the process-wide frozen copy (see module docstring)
-    cached = classifier._load_backbone(source.path, "fp32", quantization)
+    cached = classifier._load_backbone(source.path, dtype, quantization)
     with torch.no_grad():
         for p in cached.parameters():  # page the memory-mapped safetensors file in (it counts as RssFile)
             p.sum()
@@ -269,7 +270,10 @@ def child(spec: dict) -> dict:
         # per process): one tiny step of a throwaway copy moves that below the baseline, as the warm-up above
         # does for torch's runtime.
         probe = classifier.build_classifier(
-            spec["path"], 2, classifier.LoraSettings(rank=1), base=classifier.BaseSettings(quantization=quantization)
+            spec["path"],
+            2,
+            classifier.LoraSettings(rank=1),
+            base=classifier.BaseSettings(dtype=dtype, quantization=quantization),
         )
         probe.train()
         ids = torch.ones(1, 8, dtype=torch.long)
@@ -309,7 +313,7 @@ def child(spec: dict) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         baseline = _proc_kib("VmRSS")
 
-    base = classifier.BaseSettings(quantization=quantization, gradient_checkpointing=checkpointing)
+    base = classifier.BaseSettings(dtype=dtype, quantization=quantization, gradient_checkpointing=checkpointing)
     model = classifier.build_classifier(spec["path"], 2, settings, base=base)
     adapted = sorted({int(n.split(".")[n.split(".").index(_layer_key(source.family)) + 1]) for n, _ in _lora(model)})
     expected = [i for i, r in enumerate(held) if r]
