@@ -48,6 +48,7 @@ def cfg_values(run_config: dict, tiny_models: dict) -> dict:
             "batch-size": 8,
             "lr": 0.01,
             "max-length": 32,
+            "device": "cpu",  # the messages and the worker cache; the device path has its own test below
         }
     )
     return run_config
@@ -71,7 +72,7 @@ def _run(cfg_values: dict, forget: bool):
     clients, bottom = [], None
     for i, node in enumerate(sorted(grid.get_node_ids())):
         bottom, server_model = _server_and_bottom(cfg)
-        half = server_half(server_model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay)
+        half = server_half(server_model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay, "cpu")
         clients.append(SplitClient(ClientInfo(i, node, "sst2", 20, 0), 1, half))
     result = run_split_round(grid, clients, {c.client_id: bottom for c in clients}, server_round=1)
     return cfg, bottom, clients, result, grid
@@ -93,7 +94,7 @@ def test_message_rounds_match_direct_steps_with_and_without_worker_cache(cfg_val
     # The same steps run directly: each client with its own server half, as a federated client trains alone.
     for cid in (0, 1):
         _, model = _server_and_bottom(cfg)
-        direct_server = server_half(model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay)
+        direct_server = server_half(model, "bert", 1, cfg.lr, cfg.head_lr, cfg.weight_decay, "cpu")
         m = new_model(
             cfg, "sst2", LoraSettings.from_module_ranks(module_ranks(bottom), cfg.lora_alpha, cfg.lora_dropout)
         )

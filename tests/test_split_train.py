@@ -167,3 +167,14 @@ def test_one_loss_scale_across_the_cut(no_dropout_bert: str) -> None:
     server.settle(client_overflow=True)
     assert all(torch.equal(a, b) for a, b in zip(top, split.parameters("server"), strict=True))
     assert server.loss_scale.scale == 2.0**9
+
+
+def test_random_state_round_trips_and_a_cpu_half_passes_the_cuda_state_on() -> None:
+    from atlas_flwr.common.split_train import RngState, rng_arrays, rng_from
+
+    cuda_state = torch.arange(16, dtype=torch.uint8)  # what a CUDA bottom sent; a CPU top draws nothing from it
+    received = RngState(torch.get_rng_state(), cuda_state)
+    after = RngState.now(torch.device("cpu"), carry=received)
+    assert after.cuda_state is cuda_state
+    assert rng_from(rng_arrays(after)).same_as(after) and not after.same_as(RngState(after.cpu_state))
+    assert rng_from(rng_arrays(7)) == 7

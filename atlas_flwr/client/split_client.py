@@ -27,7 +27,7 @@ from atlas_flwr.client.train import pick_device, seed_for
 from atlas_flwr.common.config import Config
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.common.records import from_record, to_record, to_torch
-from atlas_flwr.common.split_train import ClientSide, RngState, rng_arrays, rng_from
+from atlas_flwr.common.split_train import ClientSide, Rng, RngState, rng_arrays, rng_from
 from atlas_flwr.common.state import module_ranks
 from atlas_flwr.data.tokenize import collator
 from atlas_flwr.models.classifier import LoraSettings, adapter_state, load_adapter_state, load_tokenizer
@@ -89,6 +89,9 @@ def split_step(message: Message, context: Context, cfg: Config, client_id: int) 
     data = client_data(cfg, client_id)
     plan = batch_plan(cfg, client_id, server_round)
     key = (context.run_id, context.node_id)
+    # A node another process served since: its entry here (a model, on CUDA device memory) is stale.
+    for stale in [k for k, w in _WORKERS.items() if k[0] != key[0] or w.round < server_round]:
+        del _WORKERS[stale]
     worker = _WORKERS.get(key)
     if step == 0:
         if "bottom" not in message.content.array_records:
@@ -104,7 +107,7 @@ def split_step(message: Message, context: Context, cfg: Config, client_id: int) 
         worker = _Worker(server_round, step, client)
     records = message.content.array_records
     # Dropout draws continue from where the server's top left them (the first step: the federated seed).
-    rng: int | RngState = seed_for(cfg.seed, client_id, server_round)
+    rng: Rng = seed_for(cfg.seed, client_id, server_round)
     overflow = False
     if "grad" in records:
         received = from_record(records["grad"])

@@ -2,7 +2,8 @@
 
 Client: ``activations = client.forward(batch)`` → (sent) → server:
 ``grad, loss = server.step(activations, mask, labels)`` → (sent back) → client:
-``client.backward(grad)``. Each side runs AdamW on its own parameters; AdamW updates every
+``client.backward(grad)``; the server's AdamW step for it follows (``server.settle()``, called by its next
+``step`` or at the end). Each side runs AdamW on its own parameters; AdamW updates every
 parameter from its own gradient only, so the split run takes exactly the steps that joint
 training of the whole model would (tested).
 
@@ -44,22 +45,28 @@ Batch = Mapping[str, torch.Tensor]
 CPU = torch.device("cpu")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no boolean ==: compare with same_as
 class RngState:
-    """Where the random generators stand: the CPU one and, when the half runs on CUDA, the device's."""
+    """Where the random generators stand: the CPU one and, where a CUDA half drew its dropout, the device's."""
 
-    cpu: torch.Tensor
-    cuda: torch.Tensor | None = None
+    cpu_state: torch.Tensor
+    cuda_state: torch.Tensor | None = None
 
     @classmethod
-    def now(cls, device: torch.device = CPU) -> RngState:
-        """The generators' state now (the CUDA one only when ``device`` is a CUDA device)."""
-        return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    def now(cls, device: torch.device = CPU, carry: object = None) -> RngState:
+        """The generators' state now: the CUDA one where ``device`` is CUDA. A CPU half draws nothing from the
+        CUDA generator, so it passes on the CUDA state it received (``carry``) to the CUDA half after it."""
+        if device.type == "cuda":
+            return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device))
+        return cls(torch.get_rng_state(), carry.cuda_state if isinstance(carry, RngState) else None)
 
     def same_as(self, other: object) -> bool:
-        if not isinstance(other, RngState) or (self.cuda is None) != (other.cuda is None):
+        """Whether ``other`` is the same state (a seed never is)."""
+        if not isinstance(other, RngState) or (self.cuda_state is None) != (other.cuda_state is None):
             return False
-        return torch.equal(self.cpu, other.cpu) and (self.cuda is None or torch.equal(self.cuda, other.cuda))
+        return torch.equal(self.cpu_state, other.cpu_state) and (
+            self.cuda_state is None or torch.equal(self.cuda_state, other.cuda_state)
+        )
 
 
 #: A seed (as ``torch.manual_seed`` takes it: a federated client's start), or a state to continue from.
@@ -70,9 +77,9 @@ def rng_arrays(rng: Rng) -> dict[str, np.ndarray]:
     """``rng`` as arrays for a message or ``context.state`` (:func:`rng_from` reads them back)."""
     if isinstance(rng, int):
         return {"seed": np.array([rng], dtype=np.int64)}
-    out = {"rng": rng.cpu.numpy()}
-    if rng.cuda is not None:
-        out["cuda-rng"] = rng.cuda.cpu().numpy()
+    out = {"rng": rng.cpu_state.numpy()}
+    if rng.cuda_state is not None:
+        out["cuda-rng"] = rng.cuda_state.cpu().numpy()
     return out
 
 
@@ -89,9 +96,9 @@ def rng_from(arrays: Mapping[str, np.ndarray]) -> Rng:
 
 def _start(rng: Rng, device: torch.device) -> None:
     if isinstance(rng, RngState):
-        torch.set_rng_state(rng.cpu)
-        if rng.cuda is not None:
-            torch.cuda.set_rng_state(rng.cuda, device if device.type == "cuda" else "cuda")
+        torch.set_rng_state(rng.cpu_state)
+        if device.type == "cuda" and rng.cuda_state is not None:
+            torch.cuda.set_rng_state(rng.cuda_state, device)
     else:
         torch.manual_seed(rng)  # seeds the CPU and every CUDA generator, as a federated client's start does
 
@@ -105,8 +112,8 @@ def _inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return ids.to(device), mask.to(device), None if types is None else types.to(device)
 
 
-def _scaler_default(name: str) -> float:
-    return inspect.signature(torch.amp.GradScaler.__init__).parameters[name].default
+#: torch.amp.GradScaler's defaults, read from its signature so that both follow torch.
+_SCALER = {name: p.default for name, p in inspect.signature(torch.amp.GradScaler.__init__).parameters.items()}
 
 
 @dataclass
@@ -119,7 +126,7 @@ class LossScale:
     """
 
     enabled: bool = True
-    scale: float = field(default_factory=lambda: float(_scaler_default("init_scale")))
+    scale: float = field(default_factory=lambda: float(_SCALER["init_scale"]))
     clean_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -131,22 +138,24 @@ class LossScale:
         if not self.enabled:
             return
         if overflow:
-            self.scale *= _scaler_default("backoff_factor")
+            self.scale *= _SCALER["backoff_factor"]
             self.clean_steps = 0
             return
         self.clean_steps += 1
-        if self.clean_steps == _scaler_default("growth_interval"):
-            self.scale *= _scaler_default("growth_factor")
+        if self.clean_steps == _SCALER["growth_interval"]:
+            self.scale *= _SCALER["growth_factor"]
             self.clean_steps = 0
 
 
 def unscale(params: Sequence[torch.nn.Parameter], scale: float) -> bool:
-    """Divide the gradients of ``params`` by ``scale`` (a power of two: exact); whether any is not finite."""
+    """Whether any gradient of ``params`` is not finite; then divide them by ``scale`` (a power of two: exact).
+
+    The check comes first, as GradScaler's: once the scale has fallen below 1, unscaling could itself overflow."""
     grads = [p.grad for p in params if p.grad is not None]
-    if scale != 1.0:
-        for grad in grads:
-            grad.mul_(1.0 / scale)
-    return not all(bool(torch.isfinite(grad).all()) for grad in grads)
+    overflow = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else False
+    for grad in grads:
+        grad.mul_(1.0 / scale)
+    return overflow
 
 
 class _AdamWSide:
@@ -234,8 +243,8 @@ class ClientSide(_AdamWSide):
 class ServerSide(_AdamWSide):
     """The server's half for one client: blocks [cut, L), their LoRA and the task head, with their AdamW.
 
-    ``loss_scaling``: scale the loss with one :class:`LossScale` for both halves (the client's bottom runs
-    in fp16 autocast, on CUDA); off on the CPU, where both halves train in fp32.
+    ``loss_scaling``: scale the loss with one :class:`LossScale` for both halves, for a client whose bottom
+    runs in fp16 autocast on CUDA (wherever this half runs); off for a client on the CPU (fp32).
     """
 
     def __init__(
@@ -263,7 +272,7 @@ class ServerSide(_AdamWSide):
         ]
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.weight_decay)
-        self.loss_scale = LossScale(enabled=self.loss_scaling)
+        self.loss_scale = LossScale(enabled=self.loss_scaling)  # fresh each round, as train_local's GradScaler
         self._overflow: bool | None = None  # this half's overflow in the step not yet taken (None: none pending)
 
     def restart(self, top: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> None:
@@ -299,7 +308,13 @@ class ServerSide(_AdamWSide):
         self.optimizer.zero_grad(set_to_none=True)
         (loss * self.loss_scale.scale if self.loss_scale.enabled else loss).backward()
         self._overflow = self.loss_scale.enabled and unscale(self.params, self.loss_scale.scale)
+        self.next_rng = RngState.now(self.device, carry=seed)  # where the client's next forward continues
         return received.grad.detach(), float(loss.item())
+
+    @property
+    def pending(self) -> bool:
+        """Whether a step waits for :meth:`settle` (a half's top is final only when none does)."""
+        return self._overflow is not None
 
     @property
     def overflowed(self) -> bool:

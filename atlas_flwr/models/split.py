@@ -150,7 +150,7 @@ class SplitClassifier:
         if self._top is None:
             raise ModelError("this split model dropped its top (a client holds only the bottom)")
         states = self._top(inputs_embeds=hidden, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(states, attention_mask, self.model.pooling)
+        pooled = pool(states, attention_mask, self.model.pooling).to(self.model.head.weight.dtype)  # as forward
         return self.model.head(self.model.dropout(pooled))
 
     def drop_top(self) -> None:

@@ -34,7 +34,7 @@ from atlas_flwr.client.fingerprint import layer_of
 from atlas_flwr.common.config import Config
 from atlas_flwr.common.errors import AtlasError
 from atlas_flwr.common.records import from_record, to_record
-from atlas_flwr.common.split_train import RngState, ServerSide, rng_arrays, rng_from
+from atlas_flwr.common.split_train import ServerSide, rng_arrays, rng_from
 from atlas_flwr.common.state import State, module_ranks
 from atlas_flwr.models.split import SplitClassifier
 from atlas_flwr.server.messaging import exchange
@@ -151,7 +151,7 @@ def run_split_round(
                     seed=rng_from(arrays),
                     client_overflow=client_overflow,
                 )
-                grads[client.client_id] = {"grad": grad, **rng_arrays(RngState.now(half.device))}
+                grads[client.client_id] = {"grad": grad.cpu().numpy(), **rng_arrays(half.next_rng)}
                 if half.loss_scale.enabled:
                     grads[client.client_id] |= {
                         "scale": np.array([half.loss_scale.scale]),
@@ -196,6 +196,8 @@ def round_updates(clients: Sequence[SplitClient], result: SplitRoundResult) -> l
         cid = client.client_id
         if cid not in result.bottoms:
             continue
+        if client.server.pending:
+            raise AtlasError(f"client {cid}'s server half has a step not taken: settle() it before reading its top")
         model = client.server.split.model
         top = split_adapter(to_numpy(adapter_state(model)), client.cut)[1]
         updates.append(
@@ -222,13 +224,7 @@ def start_round(clients: Sequence[SplitClient], states: Mapping[int, tuple[State
 
 
 def server_half(
-    model: torch.nn.Module,
-    family: str,
-    cut: int,
-    lr: float,
-    head_lr: float,
-    weight_decay: float,
-    client_device: str = "cpu",
+    model: torch.nn.Module, family: str, cut: int, lr: float, head_lr: float, weight_decay: float, client_device: str
 ) -> ServerSide:
     """A server half: the top of ``model`` from ``cut``.
 
