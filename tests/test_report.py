@@ -139,7 +139,15 @@ README_REPORTS = [
     (["benchmarks/results/quality"], "atlas+laplacian=median,held", "quality"),
     (
         ["benchmarks/results/protocol-v2"]
-        + [f"benchmarks/results/protocol-v2-levers/atlas+graph-cluster+aggregate-s{seed}" for seed in (42, 43, 44)],
+        + [
+            f"benchmarks/results/protocol-v2-levers/{label}-s{seed}"
+            for label in (
+                "atlas+graph-cluster+aggregate",
+                "atlas-split+graph-cluster+aggregate",
+                "fedavg-cluster+split-auto",
+            )
+            for seed in (42, 43, 44)
+        ],
         "fedavg-cluster",
         "protocol-v2",
     ),
