@@ -35,6 +35,12 @@ PAIRS = [
     ),
     ("atlas+local-epochs-by-task=qnli:2", "atlas", "two local epochs a round for QNLI's clients (the QNLI lever)"),
     ("centralized+local-epochs-by-task=qnli:2", "centralized", "the same two epochs a round for the reference"),
+    ("fedavg-cluster+local-epochs-by-task=qnli:2", "fedavg-cluster", "the QNLI lever on the best baseline"),
+    (
+        "atlas+local-epochs-by-task=qnli:2",
+        "fedavg-cluster+local-epochs-by-task=qnli:2",
+        "ATLAS against the best baseline, both with the QNLI lever",
+    ),
     ("atlas+local-epochs-by-task=cola:2", "atlas", "two local epochs a round for CoLA's clients (a CoLA lever)"),
     ("atlas-split", "atlas", "all four phases: split learning (split = auto) added to atlas"),
     ("atlas-split", "fedavg-cluster+split=auto", "budget ranks, exact aggregation and the Laplacian, both split"),
@@ -45,6 +51,7 @@ LEVER_RUNS = (
     "atlas+graph-cluster+aggregate+qnli-epochs-2-s4?",
     "centralized+qnli-epochs-2-s4?",
     "atlas+graph-cluster+aggregate+cola-epochs-2-s4?",
+    "fedavg-cluster+qnli-epochs-2-s4?",
     "atlas-split+graph-cluster+aggregate-s4?",
     "fedavg-cluster+split-auto-s4?",
 )

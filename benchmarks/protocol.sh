@@ -46,6 +46,7 @@ declare -A extra=(
   # The QNLI lever: two local epochs for QNLI's clients, and for its centralized reference alike.
   [atlas-no-laplacian+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
   [centralized+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
+  [fedavg-cluster+qnli-epochs-2]="local-epochs-by-task=\"qnli:2\""
   [atlas+graph-cluster+aggregate+qnli-epochs-2]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" local-epochs-by-task=\"qnli:2\""
   # All four phases (issue 18): atlas-split (split = auto) with the Laplacian as atlas now has it.
   [atlas-split+graph-cluster+aggregate]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\""
