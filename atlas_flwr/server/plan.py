@@ -80,13 +80,12 @@ def plan_federation(grid: Grid, cfg: Config, clients: Sequence[ClientInfo], swit
     built: dict[tuple, tuple[State, State]] = {}
     common = _common_ranks(cfg, clients, shape, step) if switches.ranks == "common" else None
     for i, client in enumerate(clients):
-        trains_on, cap = client.device, _rank_cap(cfg, client)
-        calibration = Calibration.for_device(trains_on)
+        cap, calibration = _rank_cap(cfg, client), Calibration.for_device(client.device)
         row: dict[str, Any] = {
             "client-id": client.client_id,
             "task": client.task,
             "device": client.device_profile,
-            "trains-on": trains_on,
+            "trains-on": client.device,  # split halves too compute on the client's device
             "memory-budget-bytes": client.memory_bytes,
             "max-rank": cap,
         }
