@@ -53,6 +53,9 @@ declare -A extra=(
   [atlas+rows-1536]="max-samples-per-client=1536"
   [fedavg-cluster+rows-1536]="max-samples-per-client=1536"
   [centralized+rows-1536]="max-samples-per-client=1536"
+  # Where CoLA's gap to centralized comes from (protocol v2): the same run with no device limits (every client
+  # fits rank 16 on every layer, as the centralized reference trains), so the budget's share shows apart.
+  [atlas+graph-cluster+aggregate+no-devices]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" rank-tiers=\"\" device-scale=1.0"
   # All four phases (issue 18): atlas-split (split = auto) with the Laplacian as atlas now has it.
   [atlas-split+graph-cluster+aggregate]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\""
   # A CoLA lever: two local epochs a round for CoLA's clients (its MCC still rises at round 3 in every run).
