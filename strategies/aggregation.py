@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from atlas_flwr.common.state import LORA_A_SUFFIX, LORA_B_SUFFIX, State
 
@@ -83,6 +85,22 @@ class LowRank:
         return (self.U * self.S) @ self.Vt
 
 
+def svd(matrix: np.ndarray, compute_uv: bool = True):
+    """Thin SVD, as ``np.linalg.svd(matrix, full_matrices=False)``, that survives LAPACK's gesdd giving up.
+
+    numpy calls gesdd (divide and conquer), which on rare finite matrices stops with "SVD did not converge";
+    one did, on a round's Laplacian step (the default config at 1,536 rows a client, seed 42). gesvd (QR
+    iteration) is slower but converges on them, so it is the fallback; a non-finite matrix is an error.
+    """
+    try:
+        return np.linalg.svd(matrix, full_matrices=False, compute_uv=compute_uv)
+    except np.linalg.LinAlgError:
+        if not np.isfinite(matrix).all():
+            raise ValueError("cannot take the SVD of a matrix with NaN or infinite entries") from None
+        logging.getLogger(__name__).warning("gesdd did not converge on a %s matrix: gesvd used", matrix.shape)
+        return scipy.linalg.svd(matrix, full_matrices=False, compute_uv=compute_uv, lapack_driver="gesvd")
+
+
 def _check_weights(weights: Sequence[float], n: int) -> np.ndarray:
     """Return ``weights`` as float64 after checking there is one per item, finite, >= 0, not all zero."""
     w = np.asarray(weights, dtype=np.float64)
@@ -108,6 +126,8 @@ def _check_factors(factors: Sequence[Factor]) -> tuple[int, int, list[int]]:
             raise ValueError(f"client {k}: dW shape {(b_shape[0], a_shape[1])} differs from client 0's {(d, l)}")
         if not np.isfinite(s):
             raise ValueError(f"client {k}: scaling must be finite: got {s}")
+        if not (np.isfinite(b).all() and np.isfinite(a).all()):
+            raise ValueError(f"client {k}: B and A must be finite: got NaN or infinite entries")
         ranks.append(int(b_shape[1]))
     return int(d), int(l), ranks
 
@@ -150,7 +170,7 @@ def lowrank_sum(factors: Sequence[Factor], weights: Sequence[float]) -> LowRank:
     a_stack = np.vstack([rk * np.asarray(a, dtype=np.float64) for rk, (_, a, _) in kept])
     q_b, r_b = np.linalg.qr(b_stack)
     q_a, r_a = np.linalg.qr(a_stack.T)
-    u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    u_core, s, vt_core = svd(r_b @ r_a.T)
     return LowRank(q_b @ u_core, s, vt_core @ q_a.T)
 
 
@@ -329,7 +349,7 @@ def aggregate_svd_dense(
         wk * s * np.asarray(b, dtype=np.float64) @ np.asarray(a, dtype=np.float64)
         for wk, (b, a, s) in zip(w, factors, strict=True)
     )
-    mean = LowRank(*np.linalg.svd(dense, full_matrices=False))
+    mean = LowRank(*svd(dense))
     return [to_factors(mean, r, s) for r, s in zip(target_ranks, target_scalings, strict=True)]
 
 
@@ -621,7 +641,7 @@ def singular_values(b: np.ndarray, a: np.ndarray, scaling: float) -> np.ndarray:
     """Singular values of ``scaling * B @ A`` without forming it: QR of both factors, SVD of an r x r core."""
     rb = np.linalg.qr(np.asarray(b, dtype=np.float64), mode="r")
     ra = np.linalg.qr(np.asarray(a, dtype=np.float64).T, mode="r")
-    return np.linalg.svd(scaling * rb @ ra.T, compute_uv=False)
+    return svd(scaling * rb @ ra.T, compute_uv=False)
 
 
 def energy_by_slice(state: State, alpha: float, edges: Sequence[int]) -> list[float]:

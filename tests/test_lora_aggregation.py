@@ -65,6 +65,26 @@ def test_lowrank_sum_skips_zero_weights_and_rejects_bad_weights() -> None:
             lowrank_sum(factors, bad)
 
 
+def test_lowrank_sum_survives_gesdd_not_converging(monkeypatch, caplog) -> None:
+    """numpy's gesdd gave up on one real round's core: the sum must come from gesvd, not crash the round."""
+    factors, weights = _factors([2, 5, 8]), [0.5, 0.3, 0.2]
+
+    def gesdd_gives_up(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(np.linalg, "svd", gesdd_gives_up)
+    lr = lowrank_sum(factors, weights)
+    assert _rel(lr.dense(), _dense(factors, weights)) < 1e-6 and np.all(np.diff(lr.S) <= 0)
+    assert "gesvd used" in caplog.text
+
+
+def test_non_finite_factors_are_refused_by_client() -> None:
+    factors = _factors([2, 3])
+    factors[1][0][0, 0] = np.nan
+    with pytest.raises(ValueError, match="client 1: B and A must be finite"):
+        lowrank_sum(factors, [0.5, 0.5])
+
+
 def test_to_factors_balances_and_pads() -> None:
     lr = lowrank_sum(_factors([2]), [1.0])
     b, a = to_factors(lr, 5, 0.5)
