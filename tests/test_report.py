@@ -137,6 +137,7 @@ def test_readme_section_is_rewritten_between_its_markers_only(tmp_path: Path, ca
 README_REPORTS = [
     (["benchmarks/results/protocol"], "fedavg", "protocol"),
     (["benchmarks/results/quality"], "atlas+laplacian=median,held", "quality"),
+    (["benchmarks/results/quality-rows"], "fedavg-cluster", "default-rows"),
     (
         ["benchmarks/results/protocol-v2"]
         + [
