@@ -21,7 +21,6 @@ declare -A sets=(
   [fedavg-len128]="strategy=fedavg server-lr=1.0 max-length=128 device-scale=1.0"
   [fedavg-epochs2-len128]="strategy=fedavg server-lr=1.0 local-epochs=2 max-length=128 device-scale=1.0"
   [fedavg-rows1536]="strategy=fedavg server-lr=1.0 max-samples-per-client=1536 device-scale=1.0"
-  [centralized-len128]="strategy=centralized max-length=128 device-scale=1.0"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(centralized fedavg fedavg-slr2 fedavg-slr3 exact exact-aorth exact-aorth-slr2)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas_flwr.common.config import DATA_DIR_ENV
 from atlas_flwr.data.glue import TASKS, load_split
-from atlas_flwr.models.registry import resolve_model
+from atlas_flwr.models.classifier import load_tokenizer
 
 
 def main() -> None:
@@ -23,12 +24,10 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--out", default="benchmarks/results/quality-qnli/token-lengths.json")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model).path)
+    tokenizer = load_tokenizer(args.model)
     result: dict[str, dict[str, float]] = {}
     for task, spec in TASKS.items():
-        rows = load_split(task, "train", data_dir=os.environ.get("ATLAS_DATA_DIR", ""))
+        rows = load_split(task, "train", data_dir=os.environ.get(DATA_DIR_ENV, ""))
         rows = rows.shuffle(seed=0).select(range(min(args.rows, len(rows))))
         texts = [list(rows[key]) for key in spec.text_columns]
         lengths = np.array([len(ids) for ids in tokenizer(*texts)["input_ids"]])
