@@ -63,6 +63,7 @@ from strategies.aggregation import (
     weighted_average,
 )
 from strategies.clustering import ClusterResult, canonical_labels, cluster_fingerprints
+from strategies.drift import drift, update_gram
 from strategies.laplacian import laplacian_states, similarity_graph
 from strategies.memory import Calibration, ModelShape, TrainShape
 from strategies.ranks import RankAllocation, allocate_ranks
@@ -610,7 +611,25 @@ class PersonalizedPipeline:
                         self.adapters[m.client_id], self.heads[m.client_id] = u.adapter, self.heads[u.client_id]
         total = sum(u.num_examples for u in ordered)
         loss = sum(u.metrics.get("train-loss", np.nan) * u.num_examples for u in ordered)
-        return {"train-loss": float(loss / total) if total else float("nan"), "num-examples": float(total)}
+        out = {"train-loss": float(loss / total) if total else float("nan"), "num-examples": float(total)}
+        return out | self._drift(ordered, sent)
+
+    def _drift(self, ordered: Sequence[Update], sent: Mapping[int, tuple[State, State]]) -> dict[str, float]:
+        """Client drift: the mean over groups of two or more trainers of :func:`strategies.drift.drift`."""
+        by_id = {m.client_id: m for m in self.members}
+        groups: dict[int, list[Update]] = defaultdict(list)
+        for u in ordered:
+            groups[by_id[u.client_id].group].append(u)
+        found = []
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            gram = update_gram([sent[u.client_id][0] for u in members], [u.adapter for u in members], self.alpha)
+            found.append(drift(gram, [float(u.num_examples) for u in members]))
+        found = [d for d in found if np.isfinite(d["cosine"])]
+        if not found:
+            return {}
+        return {f"update-{k}": float(np.mean([d[k] for d in found])) for k in ("cosine", "kept")}
 
     def _weights(self, members: Sequence[Update]) -> list[float]:
         """Aggregation weights: rows trained, or under HetLoRA each update's ||dW|| (its sparsity weight)."""

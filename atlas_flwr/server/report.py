@@ -37,6 +37,8 @@ def round_line(server_round: int, total: int, row: dict[str, Any], tasks: Sequen
         metric = task_spec(t).main_metric
         if f"{t}-{metric}" in row:
             parts.append(f"{t} {metric} {row[f'{t}-{metric}']:.3f}")
+    if "update-cosine" in row:  # client drift inside the groups (strategies/drift.py)
+        parts.append(f"update cosine {row['update-cosine']:.2f}")
     parts.append(f"down {row['bytes-sent'] / 1e6:.2f} MB up {row['bytes-received'] / 1e6:.2f} MB")
     parts.append(f"{row['round-seconds']:.1f} s")
     return " | ".join(parts)
