@@ -18,6 +18,9 @@ declare -A sets=(
   [fedavg-rounds6]="strategy=fedavg num-server-rounds=6"
   [fedavg-cosine]="strategy=fedavg lr-schedule=cosine"
   [fedavg-lr2]="strategy=fedavg lr=0.002"
+  # A server step that gives the mean update a client's step length back (1 / update-kept, about 1.4 on CoLA).
+  [fedavg-slr1.4]="strategy=fedavg server-lr=1.4"
+  [exact-slr1.4]="strategy=fedavg aggregation=exact server-lr=1.4"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(centralized fedavg exact fedavg-epochs2)

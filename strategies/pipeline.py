@@ -615,21 +615,28 @@ class PersonalizedPipeline:
         return out | self._drift(ordered, sent)
 
     def _drift(self, ordered: Sequence[Update], sent: Mapping[int, tuple[State, State]]) -> dict[str, float]:
-        """Client drift: the mean over groups of two or more trainers of :func:`strategies.drift.drift`."""
+        """Client drift: over groups of two or more trainers, the mean of :func:`strategies.drift.drift`, and per
+        task the mean cosine of its clients' pairs inside a group (``<task>-update-cosine``)."""
         by_id = {m.client_id: m for m in self.members}
         groups: dict[int, list[Update]] = defaultdict(list)
         for u in ordered:
             groups[by_id[u.client_id].group].append(u)
-        found = []
+        found, by_task = [], defaultdict(list)
         for members in groups.values():
             if len(members) < 2:
                 continue
             gram = update_gram([sent[u.client_id][0] for u in members], [u.adapter for u in members], self.alpha)
             found.append(drift(gram, [float(u.num_examples) for u in members]))
+            norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+            for i, j in zip(*np.triu_indices(len(members), k=1), strict=True):
+                task = by_id[members[i].client_id].task
+                if task == by_id[members[j].client_id].task and norms[i] > 0 and norms[j] > 0:
+                    by_task[task].append(gram[i, j] / (norms[i] * norms[j]))
         found = [d for d in found if np.isfinite(d["cosine"])]
         if not found:
             return {}
-        return {f"update-{k}": float(np.mean([d[k] for d in found])) for k in ("cosine", "kept")}
+        out = {f"update-{k}": float(np.mean([d[k] for d in found])) for k in ("cosine", "kept")}
+        return out | {f"{task}-update-cosine": float(np.mean(c)) for task, c in sorted(by_task.items())}
 
     def _weights(self, members: Sequence[Update]) -> list[float]:
         """Aggregation weights: rows trained, or under HetLoRA each update's ||dW|| (its sparsity weight)."""

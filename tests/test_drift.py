@@ -80,6 +80,14 @@ def test_pipeline_reports_drift_inside_groups_only() -> None:
     metrics = pipeline.aggregate_train(updates)
     assert metrics["update-cosine"] == pytest.approx((1.0 + other["cosine"]) / 2)
     assert metrics["update-kept"] == pytest.approx((1.0 + other["kept"]) / 2)
+    assert metrics["sst2-update-cosine"] == pytest.approx(1.0)
+    assert metrics["cola-update-cosine"] == pytest.approx(other["cosine"])
+    # One group of every client (FedAvg): a task's cosine still counts only its own clients' pair.
+    mixed = [Member(m.client_id, m.task, 0) for m in members]
+    pooled = PersonalizedPipeline("fedavg", resolve_switches("fedavg"), mixed, initial, ALPHA).aggregate_train(updates)
+    assert pooled["sst2-update-cosine"] == pytest.approx(1.0)
+    assert pooled["cola-update-cosine"] == pytest.approx(other["cosine"])
+    assert pooled["update-cosine"] != pytest.approx(metrics["update-cosine"])  # cross-task pairs count there
     # A group of one trainer has nothing to drift from: no key rather than a made-up value.
     single = [Member(i, "sst2", i) for i in range(4)]
     alone = PersonalizedPipeline("fedavg-cluster", resolve_switches("fedavg-cluster"), single, initial, ALPHA)
