@@ -2,7 +2,7 @@
 
     python benchmarks/drift_table.py RUN_DIR [RUN_DIR ...] [--out FILE.csv]
 
-Reads each run's ``rounds.csv``: the task's main metric and ``<task>-update-cosine`` (the cosine of two of its
+Reads each run's ``rounds.csv``: the task's main metric and ``update-cosine-<task>`` (the cosine of two of its
 clients' dW updates in one round, ``strategies/drift.py``), with the run's ``update-kept`` (the share of a
 client's step length that the group's mean keeps). A cosine near 0 says the clients' updates are mostly their
 own minibatch noise: averaging keeps their shared part and cancels the rest, so each round moves the model
@@ -29,7 +29,7 @@ def summarize(runs: list[Path]) -> list[dict[str, str]]:
         for task in tasks:
             metric = task_spec(task).main_metric
             for row in rounds:
-                cosine = row.get(f"{task}-update-cosine", "")
+                cosine = row.get(f"update-cosine-{task}", "")
                 if not cosine and len(tasks) == 1:  # one task: its pairs are the group's (runs before the per-task key)
                     cosine = row.get("update-cosine", "")
                 out.append(

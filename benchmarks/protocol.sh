@@ -60,6 +60,8 @@ declare -A extra=(
   [atlas-split+graph-cluster+aggregate]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\""
   # A CoLA lever: two local epochs a round for CoLA's clients (its MCC still rises at round 3 in every run).
   [atlas+graph-cluster+aggregate+cola-epochs-2]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" local-epochs-by-task=\"cola:2\""
+  # The server step by rule (strategies/drift.py): each group's mean update scaled back to its members' mean length.
+  [atlas+graph-cluster+aggregate+keep-length]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" server-lr-rule=\"keep-length\""
   # Five tasks (issue 20): does the MRPC+RTE merge that learned clustering makes help or hurt them? Against
   # the task labels (oracle). CoLA at the 768 rows of the others (a run of about 6 min).
   [atlas+graph-cluster+aggregate+5-tasks]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" tasks=\"sst2,mrpc,cola,qnli,rte\" max-samples-by-task=\"\""

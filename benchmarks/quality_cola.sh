@@ -21,6 +21,8 @@ declare -A sets=(
   # A server step that gives the mean update a client's step length back (1 / update-kept, about 1.4 on CoLA).
   [fedavg-slr1.4]="strategy=fedavg server-lr=1.4"
   [exact-slr1.4]="strategy=fedavg aggregation=exact server-lr=1.4"
+  # The same length given back by rule, per group and round (server-lr-rule = keep-length: 1 / update-kept, <= sqrt(n)).
+  [exact-keep]="strategy=fedavg aggregation=exact server-lr-rule=keep-length"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(centralized fedavg exact fedavg-epochs2)

@@ -12,6 +12,12 @@ round say which:
 Both come from the updates' Gram matrix, computed from the factors in O((d + l) r^2) per module: a
 client's update to a module is ``[s B, -s0 B0] @ [A; A0]``, and ``<P Q, R S>_F = sum((P^T R) * (Q S^T))``.
 Modules differ in rank between clients (heterogeneous ranks); dW space makes the updates comparable.
+
+``server-lr-rule = keep-length`` sizes a group's server step from ``kept``: the group's mean update is scaled
+by ``1 / kept`` (at most ``sqrt(n)``, the value for ``n`` orthogonal updates of equal length), so it is as long
+as its members' updates are on average. Where the updates agree that is plain averaging; where they are
+mostly each client's own noise (CoLA's cosine is about 0.05) averaging shortens the step by about
+``1 / sqrt(n)``, and the rule gives that length back along the mean's direction.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import numpy as np
 
 from atlas_flwr.common.state import LORA_A_SUFFIX, LORA_B_SUFFIX, State, module_ranks
 from strategies.aggregation import lora_scaling
+
+#: How a group's server step is sized: ``server-lr`` alone, or times :func:`keep_length_factor`.
+SERVER_LR_RULES = ("fixed", "keep-length")
 
 
 def _update_factors(sent: State, returned: State, module: str, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -102,3 +111,39 @@ def drift(gram: np.ndarray, weights: Sequence[float]) -> Mapping[str, float]:
     pairs = cos[np.triu_indices(n, k=1)]
     mean_length = float(np.sqrt(max(w @ gram @ w, 0.0)))
     return {"cosine": float(pairs.mean()), "kept": mean_length / float(w @ norms)}
+
+
+def vector_gram(sent: Sequence[State], returned: Sequence[State]) -> np.ndarray:
+    """The Gram matrix of plain tensor updates ``returned - sent`` (heads), over every key, flattened."""
+    if len(sent) != len(returned):
+        raise ValueError(f"need one sent state per returned state: got {len(sent)} and {len(returned)}")
+    rows = [
+        np.concatenate([(np.asarray(r[k], np.float64) - np.asarray(s[k], np.float64)).ravel() for k in sorted(r)])
+        for s, r in zip(sent, returned, strict=True)
+    ]
+    stacked = np.stack(rows) if rows else np.zeros((0, 0))
+    return stacked @ stacked.T
+
+
+def keep_length_factor(gram: np.ndarray, weights: Sequence[float]) -> float:
+    """``min(1 / kept, sqrt(n))``: what scales a group's mean update to its members' mean length (1 if undefined).
+
+    Parameters
+    ----------
+    gram : ndarray, shape (n, n)
+        The members' update Gram matrix (:func:`update_gram`, :func:`vector_gram`).
+    weights : sequence of float
+        The aggregation weights.
+
+    Returns
+    -------
+    float
+        In ``[1, sqrt(n)]``; 1 for fewer than two members or a member that did not move.
+    """
+    n = gram.shape[0]
+    if n < 2:
+        return 1.0
+    kept = drift(gram, weights)["kept"]
+    if not np.isfinite(kept) or kept <= 0:
+        return float(np.sqrt(n)) if kept == 0 else 1.0
+    return float(min(1.0 / kept, np.sqrt(n)))

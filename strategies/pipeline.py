@@ -63,7 +63,7 @@ from strategies.aggregation import (
     weighted_average,
 )
 from strategies.clustering import ClusterResult, canonical_labels, cluster_fingerprints
-from strategies.drift import drift, update_gram
+from strategies.drift import SERVER_LR_RULES, drift, keep_length_factor, update_gram, vector_gram
 from strategies.laplacian import laplacian_states, similarity_graph
 from strategies.memory import Calibration, ModelShape, TrainShape
 from strategies.ranks import RankAllocation, allocate_ranks
@@ -423,6 +423,9 @@ class PersonalizedPipeline:
     factor_split : str
         How re-factored adapters (dW-space aggregation, the Laplacian) are split into B and A
         (:data:`strategies.aggregation.FACTOR_SPLITS`).
+    server_lr_rule : str
+        :data:`strategies.drift.SERVER_LR_RULES`. ``keep-length`` multiplies ``server_lr`` per group (and per
+        head group) by :func:`strategies.drift.keep_length_factor` of that round's updates.
     frozen : mapping client id -> set of module names, optional
         Modules a client holds and uses but does not train (its budget does not cover them): its
         updates leave them out, and aggregation gives it its group's result for them.
@@ -451,6 +454,7 @@ class PersonalizedPipeline:
         dropped: Iterable[int] = (),
         prune_gamma: float = 0.9,
         laplacian_input: str = "aggregate",
+        server_lr_rule: str = "fixed",
     ) -> None:
         if switches.laplacian and adjacency is None:
             raise ValueError("the Laplacian switch is on but no adjacency was given")
@@ -458,6 +462,8 @@ class PersonalizedPipeline:
             raise ValueError(
                 f"unknown laplacian input {laplacian_input!r}: expected one of {', '.join(LAPLACIAN_INPUTS)}"
             )
+        if server_lr_rule not in SERVER_LR_RULES:
+            raise ValueError(f"unknown server lr rule {server_lr_rule!r}: expected one of {', '.join(SERVER_LR_RULES)}")
         missing = sorted({m.client_id for m in members} - set(initial))
         if missing:
             raise ValueError(f"no initial state for clients {missing}")
@@ -469,6 +475,7 @@ class PersonalizedPipeline:
         self.eta = eta if switches.laplacian else 0.0
         self.server_lr = server_lr if switches.aggregation != "none" else 1.0
         self.factor_split = factor_split
+        self.server_lr_rule = server_lr_rule if switches.aggregation != "none" else "fixed"
         self.frozen = {m.client_id: frozenset((frozen or {}).get(m.client_id, ())) for m in self.members}
         self.dropped = frozenset(dropped)
         self.prune_gamma = prune_gamma
@@ -547,11 +554,17 @@ class PersonalizedPipeline:
         dw_space = method in DW_AGGREGATIONS
         truncate_once = dw_space and self.eta > 0 and self.laplacian_input == "aggregate"
         sent = {u.client_id: self.state_for(u.client_id) for u in ordered}
+        grams = self._group_grams(ordered, sent)
+        lrs = {u.client_id: self.server_lr for u in ordered}
+        if self.server_lr_rule == "keep-length":
+            for members, gram in grams:
+                factor = keep_length_factor(gram, self._weights(members))
+                lrs |= {u.client_id: self.server_lr * factor for u in members}
         stepped = {
             u.client_id: server_step(
                 self.trained_part(u.client_id, sent[u.client_id][0]),
                 u.adapter,
-                self.server_lr,
+                lrs[u.client_id],
                 self.alpha,
                 "dw" if dw_space else "factors",
             )
@@ -596,8 +609,12 @@ class PersonalizedPipeline:
         for u in ordered:
             heads[self._head_key(by_id[u.client_id])].append(u)
         for key, members in heads.items():
+            head_lr = self.server_lr
+            if self.server_lr_rule == "keep-length":
+                gram = vector_gram([sent[u.client_id][1] for u in members], [u.head for u in members])
+                head_lr *= keep_length_factor(gram, [u.num_examples for u in members])
             head = weighted_average(
-                [server_step(sent[u.client_id][1], u.head, self.server_lr, self.alpha, "factors") for u in members],
+                [server_step(sent[u.client_id][1], u.head, head_lr, self.alpha, "factors") for u in members],
                 [u.num_examples for u in members],
             )
             for m in self.members:  # every client of the head group, with or without an update this round
@@ -612,20 +629,30 @@ class PersonalizedPipeline:
         total = sum(u.num_examples for u in ordered)
         loss = sum(u.metrics.get("train-loss", np.nan) * u.num_examples for u in ordered)
         out = {"train-loss": float(loss / total) if total else float("nan"), "num-examples": float(total)}
-        return out | self._drift(ordered, sent)
+        if self.server_lr_rule == "keep-length":
+            out["server-lr-applied"] = float(np.mean(list(lrs.values()))) if lrs else self.server_lr
+        return out | self._drift(grams)
 
-    def _drift(self, ordered: Sequence[Update], sent: Mapping[int, tuple[State, State]]) -> dict[str, float]:
-        """Client drift: over groups of two or more trainers, the mean of :func:`strategies.drift.drift`, and per
-        task the mean cosine of its clients' pairs inside a group (``<task>-update-cosine``)."""
+    def _group_grams(
+        self, ordered: Sequence[Update], sent: Mapping[int, tuple[State, State]]
+    ) -> list[tuple[list[Update], np.ndarray]]:
+        """Per aggregation group of two or more trainers: its updates and their dW Gram matrix."""
         by_id = {m.client_id: m for m in self.members}
         groups: dict[int, list[Update]] = defaultdict(list)
         for u in ordered:
             groups[by_id[u.client_id].group].append(u)
+        return [
+            (members, update_gram([sent[u.client_id][0] for u in members], [u.adapter for u in members], self.alpha))
+            for _, members in sorted(groups.items())
+            if len(members) >= 2
+        ]
+
+    def _drift(self, grams: Sequence[tuple[list[Update], np.ndarray]]) -> dict[str, float]:
+        """Client drift: over groups of two or more trainers, the mean of :func:`strategies.drift.drift`, and per
+        task the mean cosine of its clients' pairs inside a group (``update-cosine-<task>``)."""
+        by_id = {m.client_id: m for m in self.members}
         found, by_task = [], defaultdict(list)
-        for members in groups.values():
-            if len(members) < 2:
-                continue
-            gram = update_gram([sent[u.client_id][0] for u in members], [u.adapter for u in members], self.alpha)
+        for members, gram in grams:
             found.append(drift(gram, [float(u.num_examples) for u in members]))
             norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
             for i, j in zip(*np.triu_indices(len(members), k=1), strict=True):
@@ -636,7 +663,7 @@ class PersonalizedPipeline:
         if not found:
             return {}
         out = {f"update-{k}": float(np.mean([d[k] for d in found])) for k in ("cosine", "kept")}
-        return out | {f"{task}-update-cosine": float(np.mean(c)) for task, c in sorted(by_task.items())}
+        return out | {f"update-cosine-{task}": float(np.mean(c)) for task, c in sorted(by_task.items())}
 
     def _weights(self, members: Sequence[Update]) -> list[float]:
         """Aggregation weights: rows trained, or under HetLoRA each update's ||dW|| (its sparsity weight)."""
@@ -671,6 +698,7 @@ class PersonalizedPipeline:
             f"{self.name}: clustering={s.clustering} ({groups} group(s)), ranks={s.ranks}, "
             f"aggregation={s.aggregation}, laplacian eta={self.eta:g}, server lr={self.server_lr:g}, "
             f"factor split={self.factor_split}"
+            + (f", server lr rule={self.server_lr_rule}" if self.server_lr_rule != "fixed" else "")
             + (f", {len(self.dropped)} client(s) dropped (over budget)" if self.dropped else "")
             + (f", rank self-pruning gamma={self.prune_gamma:g}" if s.hetlora else "")
         )

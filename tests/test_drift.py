@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from strategies.aggregation import lora_scaling
-from strategies.drift import drift, update_gram
+from strategies.drift import drift, keep_length_factor, update_gram
 from strategies.pipeline import Member, PersonalizedPipeline, Update, resolve_switches
 
 ALPHA = 16.0
@@ -80,15 +80,57 @@ def test_pipeline_reports_drift_inside_groups_only() -> None:
     metrics = pipeline.aggregate_train(updates)
     assert metrics["update-cosine"] == pytest.approx((1.0 + other["cosine"]) / 2)
     assert metrics["update-kept"] == pytest.approx((1.0 + other["kept"]) / 2)
-    assert metrics["sst2-update-cosine"] == pytest.approx(1.0)
-    assert metrics["cola-update-cosine"] == pytest.approx(other["cosine"])
+    assert metrics["update-cosine-sst2"] == pytest.approx(1.0)
+    assert metrics["update-cosine-cola"] == pytest.approx(other["cosine"])
     # One group of every client (FedAvg): a task's cosine still counts only its own clients' pair.
     mixed = [Member(m.client_id, m.task, 0) for m in members]
     pooled = PersonalizedPipeline("fedavg", resolve_switches("fedavg"), mixed, initial, ALPHA).aggregate_train(updates)
-    assert pooled["sst2-update-cosine"] == pytest.approx(1.0)
-    assert pooled["cola-update-cosine"] == pytest.approx(other["cosine"])
+    assert pooled["update-cosine-sst2"] == pytest.approx(1.0)
+    assert pooled["update-cosine-cola"] == pytest.approx(other["cosine"])
     assert pooled["update-cosine"] != pytest.approx(metrics["update-cosine"])  # cross-task pairs count there
     # A group of one trainer has nothing to drift from: no key rather than a made-up value.
     single = [Member(i, "sst2", i) for i in range(4)]
     alone = PersonalizedPipeline("fedavg-cluster", resolve_switches("fedavg-cluster"), single, initial, ALPHA)
     assert "update-cosine" not in alone.aggregate_train(updates)
+
+
+def test_keep_length_factor_gives_back_the_length_averaging_takes() -> None:
+    assert keep_length_factor(np.array([[4.0, 4.0], [4.0, 4.0]]), [1, 1]) == pytest.approx(1.0)
+    assert keep_length_factor(np.diag([4.0, 4.0]), [1, 1]) == pytest.approx(np.sqrt(2))
+    assert keep_length_factor(np.array([[1.0, -1.0], [-1.0, 1.0]]), [1, 1]) == pytest.approx(np.sqrt(2))  # capped
+    assert keep_length_factor(np.diag([1.0, 0.0]), [1, 1]) == 1.0  # a client that did not move: no rule
+    assert keep_length_factor(np.ones((1, 1)), [1]) == 1.0
+
+
+def test_keep_length_steps_a_group_as_far_as_its_members_moved_on_average() -> None:
+    rng = np.random.default_rng(3)
+    module = MODULES[0]
+    a = rng.normal(size=(2, L)).astype(np.float32)
+    start = {module + ".lora_A.weight": a, module + ".lora_B.weight": np.zeros((D, 2), np.float32)}
+    b1 = rng.normal(size=(D, 2)).astype(np.float32)
+    b2 = (0.5 * b1 + rng.normal(size=(D, 2))).astype(np.float32)  # agree in part: 1 < factor < sqrt(2)
+    # A shared A keeps the mean at rank 2, so exact aggregation truncates nothing and dW is checkable.
+    returned = [{module + ".lora_A.weight": a, module + ".lora_B.weight": b} for b in (b1, b2)]
+    heads = [{"weight": rng.normal(size=(2, 3)).astype(np.float32), "bias": np.zeros(2, np.float32)} for _ in range(2)]
+    head0 = {"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(2, np.float32)}
+    members = [Member(0, "cola", 0), Member(1, "cola", 0)]
+    weights = [10, 30]
+    lengths = {}
+    for rule in ("fixed", "keep-length"):
+        pipeline = PersonalizedPipeline(
+            "atlas-no-laplacian", resolve_switches("atlas-no-laplacian"), members,
+            {0: (start, head0), 1: (start, head0)}, ALPHA, server_lr_rule=rule,
+        )  # fmt: skip
+        updates = [Update(i, returned[i], heads[i], weights[i], {"train-loss": 0.5}) for i in range(2)]
+        metrics = pipeline.aggregate_train(updates)
+        adapter, head = pipeline.state_for(0)
+        lengths[rule] = (np.linalg.norm(_dense(adapter, module)), np.linalg.norm(head["weight"]), metrics)
+    w = np.array(weights) / sum(weights)
+    mean_dw = sum(wi * np.linalg.norm(_dense(r, module)) for wi, r in zip(w, returned, strict=True))
+    mean_head = sum(wi * np.linalg.norm(h["weight"]) for wi, h in zip(w, heads, strict=True))
+    factor = lengths["keep-length"][2]["server-lr-applied"]
+    assert 1.05 < factor < np.sqrt(2) - 0.05
+    assert lengths["keep-length"][0] == pytest.approx(mean_dw, rel=1e-4)  # the mean update, at its members' length
+    assert lengths["fixed"][0] == pytest.approx(mean_dw / factor, rel=1e-4)  # plain averaging: shorter
+    assert lengths["keep-length"][1] == pytest.approx(mean_head, rel=1e-5)  # heads by their own updates
+    assert "server-lr-applied" not in lengths["fixed"][2]

@@ -53,6 +53,8 @@ FROZEN_LAYERS = ("use", "drop")
 OVER_BUDGET = ("shrink", "drop", "train")
 #: How re-factored adapters are split into B and A (strategies.aggregation.FACTOR_SPLITS).
 FACTOR_SPLITS = ("balanced", "a-orthonormal")
+#: How a group's server step is sized (strategies.drift.SERVER_LR_RULES).
+SERVER_LR_RULES = ("fixed", "keep-length")
 #: The Laplacian graph's bandwidth (strategies.pipeline.LAPLACIAN_GRAPHS).
 LAPLACIAN_GRAPHS = ("median", "cluster")
 #: What the Laplacian mixes under exact aggregation (strategies.pipeline.LAPLACIAN_INPUTS).
@@ -223,6 +225,7 @@ _RULES: dict[str, _Rule] = {
     "frozen-layers": _choice(*FROZEN_LAYERS),
     "server-lr": _float_in(0.0, 10.0, open_low=True),
     "factor-split": _choice(*FACTOR_SPLITS),
+    "server-lr-rule": _choice(*SERVER_LR_RULES),
     "over-budget": _choice(*OVER_BUDGET),
     "dp-clip": _float_in(0.0, 1e6),
     "dp-noise": _float_in(0.0, 1e3),
@@ -329,6 +332,7 @@ class Config:
     frozen_layers: str
     server_lr: float
     factor_split: str
+    server_lr_rule: str
     over_budget: str
     dp_clip: float
     dp_noise: float

@@ -158,6 +158,7 @@ def run_summary(
             "laplacian-input": pipeline.laplacian_input,
             "server-lr": pipeline.server_lr,
             "factor-split": pipeline.factor_split,
+            "server-lr-rule": pipeline.server_lr_rule,
             "frozen-layers": cfg.frozen_layers if plan_kinds & {"budget", "shrink"} else "use",
             "over-budget": cfg.over_budget if plan_kinds & {"shrink", "drop"} or over_budget else "shrink",
             "rank-tiers": cfg.rank_tiers,

@@ -256,6 +256,7 @@ class AtlasStrategy(Strategy):
             cfg.laplacian_eta,
             server_lr=cfg.server_lr,
             factor_split=cfg.factor_split,
+            server_lr_rule=cfg.server_lr_rule,
             frozen=plan.frozen,
             dropped=plan.dropped,
             prune_gamma=cfg.hetlora_gamma,
