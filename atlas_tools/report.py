@@ -36,6 +36,7 @@ SWITCHES = {
     "split": "none",
     "precision": "fp32",
     "server-lr": 1.0,
+    "server-lr-rule": "fixed",
     "factor-split": "balanced",
     "frozen-layers": "use",
     "over-budget": "shrink",
@@ -52,7 +53,7 @@ PRESET_SWITCHES = {"atlas-split": {"split": "auto"}}
 LAPLACIAN_SWITCHES = {"laplacian-graph": ("cluster", "median"), "laplacian-input": ("aggregate", "held")}
 #: Switches whose value as the run used it is in its summary: a method that does not use one records its
 #: neutral value there (no server step without aggregation, no frozen layers without budget ranks).
-EFFECTIVE = ("server-lr", "frozen-layers", "over-budget")
+EFFECTIVE = ("server-lr", "server-lr-rule", "frozen-layers", "over-budget")
 
 
 @dataclass(frozen=True)

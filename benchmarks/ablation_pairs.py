@@ -42,6 +42,12 @@ PAIRS = [
         "ATLAS against the best baseline, both with the QNLI lever",
     ),
     ("atlas+local-epochs-by-task=cola:2", "atlas", "two local epochs a round for CoLA's clients (a CoLA lever)"),
+    (
+        "atlas+server-lr-rule=keep-length",
+        "atlas",
+        "the server step by rule: each group's mean update at its members' mean length (CoLA's lever)",
+    ),
+    ("atlas+server-lr-rule=keep-length", "fedavg-cluster", "ATLAS with that rule against the best baseline"),
     ("atlas-split", "atlas", "all four phases: split learning (split = auto) added to atlas"),
     ("atlas-split", "fedavg-cluster+split=auto", "budget ranks, exact aggregation and the Laplacian, both split"),
 ]
@@ -51,6 +57,7 @@ LEVER_RUNS = (
     "atlas+graph-cluster+aggregate+qnli-epochs-2-s4?",
     "centralized+qnli-epochs-2-s4?",
     "atlas+graph-cluster+aggregate+cola-epochs-2-s4?",
+    "atlas+graph-cluster+aggregate+keep-length-s4?",
     "fedavg-cluster+qnli-epochs-2-s4?",
     "atlas-split+graph-cluster+aggregate-s4?",
     "fedavg-cluster+split-auto-s4?",

@@ -144,6 +144,7 @@ README_REPORTS = [
             f"benchmarks/results/protocol-v2-levers/{label}-s{seed}"
             for label in (
                 "atlas+graph-cluster+aggregate",
+                "atlas+graph-cluster+aggregate+keep-length",
                 "atlas-split+graph-cluster+aggregate",
                 "fedavg-cluster+split-auto",
             )
