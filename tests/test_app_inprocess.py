@@ -246,6 +246,7 @@ def test_atlas_run_fingerprints_clusters_allocates_ranks_and_personalizes(tiny_r
         "laplacian-input": "aggregate",
         "server-lr": 1.0,
         "factor-split": "balanced",
+        "server-lr-rule": "fixed",
         "frozen-layers": "use",
         "over-budget": "shrink",
         "rank-tiers": "",

@@ -144,8 +144,8 @@ README_REPORTS = [
             f"benchmarks/results/protocol-v2-levers/{label}-s{seed}"
             for label in (
                 "atlas+graph-cluster+aggregate",
-                "atlas+graph-cluster+aggregate+keep-length",
                 "atlas-split+graph-cluster+aggregate",
+                "atlas+graph-cluster+aggregate+keep-length",
                 "fedavg-cluster+split-auto",
             )
             for seed in (42, 43, 44)
