@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from atlas_flwr.data.glue import task_spec
+from atlas_tools.report import markdown
 
 
 def summarize(runs: list[Path]) -> list[dict[str, str]]:
@@ -57,14 +58,10 @@ def main() -> None:
     if missing:
         raise SystemExit(f"no rounds.csv in {missing[0]}: expected a run folder")
     rows = summarize(args.runs)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(row.get(k, "") for k in keys) + " |")
+    print(markdown(rows), end="")
     if args.out:
         with args.out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
 

@@ -17,6 +17,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from atlas_tools.report import markdown
+
 
 def summarize(folder: Path) -> list[dict[str, str]]:
     """One row per (method, client rank, round): mean energy share in ranks 1-2 and past rank 4."""
@@ -52,14 +54,10 @@ def main() -> None:
     rows = summarize(args.folder)
     if not rows:
         raise SystemExit(f"no */rank-energy.csv under {args.folder}")
-    header = list(rows[0])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row.values()) + " |")
+    print(markdown(rows), end="")
     if args.out:
         with args.out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=header)
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
 

@@ -82,6 +82,13 @@ def update_gram(sent: Sequence[State], returned: Sequence[State], alpha: float) 
     return gram
 
 
+def cosines(gram: np.ndarray) -> np.ndarray:
+    """The pairwise cosines of a Gram matrix's vectors; NaN in the rows and columns of a zero vector."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.outer(norms, norms) > 0, gram / np.outer(norms, norms), np.nan)
+
+
 def drift(gram: np.ndarray, weights: Sequence[float]) -> Mapping[str, float]:
     """``cosine`` (mean pairwise) and ``kept`` (mean update length over mean length) from a Gram matrix.
 
@@ -107,8 +114,7 @@ def drift(gram: np.ndarray, weights: Sequence[float]) -> Mapping[str, float]:
     norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
     if np.any(norms == 0):
         return {"cosine": float("nan"), "kept": float("nan")}
-    cos = gram / np.outer(norms, norms)
-    pairs = cos[np.triu_indices(n, k=1)]
+    pairs = cosines(gram)[np.triu_indices(n, k=1)]
     mean_length = float(np.sqrt(max(w @ gram @ w, 0.0)))
     return {"cosine": float(pairs.mean()), "kept": mean_length / float(w @ norms)}
 

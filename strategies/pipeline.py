@@ -63,7 +63,7 @@ from strategies.aggregation import (
     weighted_average,
 )
 from strategies.clustering import ClusterResult, canonical_labels, cluster_fingerprints
-from strategies.drift import SERVER_LR_RULES, drift, keep_length_factor, update_gram, vector_gram
+from strategies.drift import SERVER_LR_RULES, cosines, drift, keep_length_factor, update_gram, vector_gram
 from strategies.laplacian import laplacian_states, similarity_graph
 from strategies.memory import Calibration, ModelShape, TrainShape
 from strategies.ranks import RankAllocation, allocate_ranks
@@ -554,7 +554,10 @@ class PersonalizedPipeline:
         dw_space = method in DW_AGGREGATIONS
         truncate_once = dw_space and self.eta > 0 and self.laplacian_input == "aggregate"
         sent = {u.client_id: self.state_for(u.client_id) for u in ordered}
-        grams = self._group_grams(ordered, sent)
+        groups: dict[int, list[Update]] = defaultdict(list)
+        for u in ordered:
+            groups[by_id[u.client_id].group].append(u)
+        grams = self._group_grams(groups, sent)
         lrs = {u.client_id: self.server_lr for u in ordered}
         if self.server_lr_rule == "keep-length":
             for members, gram in grams:
@@ -575,9 +578,6 @@ class PersonalizedPipeline:
         own_ranks = {i: module_ranks(state) for i, state in self.adapters.items()}
         refactored = set()
         if method != "none":
-            groups: dict[int, list[Update]] = defaultdict(list)
-            for u in ordered:
-                groups[by_id[u.client_id].group].append(u)
             for group, members in groups.items():
                 # Dropped clients take part as holders that trained nothing: they get the group's result.
                 idle = [m.client_id for m in self.members if m.group == group and m.client_id in receivers_only]
@@ -631,34 +631,30 @@ class PersonalizedPipeline:
         out = {"train-loss": float(loss / total) if total else float("nan"), "num-examples": float(total)}
         if self.server_lr_rule == "keep-length":
             out["server-lr-applied"] = float(np.mean(list(lrs.values()))) if lrs else self.server_lr
-        return out | self._drift(grams)
+        return out | self._drift(grams, by_id)
 
     def _group_grams(
-        self, ordered: Sequence[Update], sent: Mapping[int, tuple[State, State]]
+        self, groups: Mapping[int, list[Update]], sent: Mapping[int, tuple[State, State]]
     ) -> list[tuple[list[Update], np.ndarray]]:
         """Per aggregation group of two or more trainers: its updates and their dW Gram matrix."""
-        by_id = {m.client_id: m for m in self.members}
-        groups: dict[int, list[Update]] = defaultdict(list)
-        for u in ordered:
-            groups[by_id[u.client_id].group].append(u)
         return [
             (members, update_gram([sent[u.client_id][0] for u in members], [u.adapter for u in members], self.alpha))
             for _, members in sorted(groups.items())
             if len(members) >= 2
         ]
 
-    def _drift(self, grams: Sequence[tuple[list[Update], np.ndarray]]) -> dict[str, float]:
+    @staticmethod
+    def _drift(grams: Sequence[tuple[list[Update], np.ndarray]], by_id: Mapping[int, Member]) -> dict[str, float]:
         """Client drift: over groups of two or more trainers, the mean of :func:`strategies.drift.drift`, and per
         task the mean cosine of its clients' pairs inside a group (``update-cosine-<task>``)."""
-        by_id = {m.client_id: m for m in self.members}
         found, by_task = [], defaultdict(list)
         for members, gram in grams:
             found.append(drift(gram, [float(u.num_examples) for u in members]))
-            norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+            cos = cosines(gram)
             for i, j in zip(*np.triu_indices(len(members), k=1), strict=True):
                 task = by_id[members[i].client_id].task
-                if task == by_id[members[j].client_id].task and norms[i] > 0 and norms[j] > 0:
-                    by_task[task].append(gram[i, j] / (norms[i] * norms[j]))
+                if task == by_id[members[j].client_id].task and np.isfinite(cos[i, j]):
+                    by_task[task].append(cos[i, j])
         found = [d for d in found if np.isfinite(d["cosine"])]
         if not found:
             return {}
