@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,10 +21,14 @@ from atlas_tools.report import markdown
 
 
 def summarize(folder: Path) -> list[dict[str, str]]:
-    """One row per (method, client rank, round): mean energy share in ranks 1-2 and past rank 4."""
+    """One row per (label, client rank, round): mean energy share in ranks 1-2 and past rank 4.
+
+    The label is the run folder's name without its ``-s<seed>`` suffix (``benchmarks/protocol.sh``'s
+    naming), so an ablation (``atlas+drop``) is its own row rather than mixed into its method's seeds.
+    """
     cells: dict[tuple[str, int, int], list[tuple[float, float]]] = defaultdict(list)
     for path in sorted(folder.glob("*/rank-energy.csv")):
-        method = json.loads((path.parent / "config.json").read_text())["run-config"]["strategy"]
+        method = re.sub(r"-s\d+$", "", path.parent.name)
         with path.open() as fh:
             for row in csv.DictReader(fh):
                 lead = float(row.get("energy-1", 0)) + float(row.get("energy-2", 0))
@@ -34,7 +38,7 @@ def summarize(folder: Path) -> list[dict[str, str]]:
     for (method, rank, rnd), values in sorted(cells.items()):
         rows.append(
             {
-                "method": method,
+                "run": method,
                 "client max rank": str(rank),
                 "round": str(rnd),
                 "clients": str(len(values)),
