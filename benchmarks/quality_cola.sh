@@ -26,17 +26,6 @@ declare -A sets=(
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(centralized fedavg exact fedavg-epochs2)
-for name in "${names[@]}"; do
-  [ -v "sets[$name]" ] || { echo "unknown run $name: expected one of ${!sets[*]}" >&2; exit 2; }
-  args=()
-  read -ra words <<< "${sets[$name]}"
-  for word in "${words[@]}"; do args+=(--set "$word"); done
-  seed=${SEED:-42}
-  run="$name-s$seed"
-  rm -rf "${out:?}/$run"
-  python benchmarks/inprocess.py configs/smoke.toml --output-dir "$out" --run-name "$run" \
-    --set 'tasks="cola"' --set clients-per-task=2 --set max-samples-per-client=4275 --set max-eval-samples=1043 \
-    --set num-server-rounds=3 --set lora-rank=16 --set lora-alpha=32 --set device-scale=1.0 --set 'rank-tiers=""' \
-    --set "seed=$seed" "${args[@]}"
-  rm -rf "${out:?}/$run/checkpoint"
-done
+# shellcheck source=benchmarks/inprocess_sweep.sh
+source benchmarks/inprocess_sweep.sh
+sweep "$out" 'tasks="cola" clients-per-task=2 max-samples-per-client=4275 max-eval-samples=1043 num-server-rounds=3 lora-rank=16 lora-alpha=32 device-scale=1.0 rank-tiers=""' "${names[@]}"

@@ -26,16 +26,6 @@ declare -A sets=(
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(centralized fedavg fedavg-slr2 fedavg-slr3 exact exact-aorth exact-aorth-slr2)
-for name in "${names[@]}"; do
-  [ -v "sets[$name]" ] || { echo "unknown run $name: expected one of ${!sets[*]}" >&2; exit 2; }
-  args=()
-  read -ra words <<< "${sets[$name]}"
-  for word in "${words[@]}"; do args+=(--set "$word"); done
-  seed=${SEED:-42}
-  run="$name-s$seed"
-  rm -rf "${out:?}/$run"
-  python benchmarks/inprocess.py configs/smoke.toml --output-dir "$out" --run-name "$run" \
-    --set 'tasks="qnli"' --set clients-per-task=2 --set max-samples-per-client=768 --set max-eval-samples=872 \
-    --set num-server-rounds=3 --set "seed=$seed" "${args[@]}"
-  rm -rf "${out:?}/$run/checkpoint"
-done
+# shellcheck source=benchmarks/inprocess_sweep.sh
+source benchmarks/inprocess_sweep.sh
+sweep "$out" 'tasks="qnli" clients-per-task=2 max-samples-per-client=768 max-eval-samples=872 num-server-rounds=3' "${names[@]}"
