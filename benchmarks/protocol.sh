@@ -62,6 +62,11 @@ declare -A extra=(
   [atlas+graph-cluster+aggregate+cola-epochs-2]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" local-epochs-by-task=\"cola:2\""
   # The server step by rule (strategies/drift.py): each group's mean update scaled back to its members' mean length.
   [atlas+graph-cluster+aggregate+keep-length]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" server-lr-rule=\"keep-length\""
+  # Protocol v3 (CONFIG=configs/protocol-v3.toml, the Laplacian at the package defaults): the one-switch ablations
+  # of atlas (exact aggregation, train what fits, the server step by rule) and the rule on the best baseline.
+  [atlas+zero-pad]="aggregation=\"zero-pad\""
+  [atlas+keep-length]="server-lr-rule=\"keep-length\""
+  [fedavg-cluster+keep-length]="server-lr-rule=\"keep-length\""
   # Five tasks (issue 20): does the MRPC+RTE merge that learned clustering makes help or hurt them? Against
   # the task labels (oracle). CoLA at the 768 rows of the others (a run of about 6 min).
   [atlas+graph-cluster+aggregate+5-tasks]="laplacian-graph=\"cluster\" laplacian-input=\"aggregate\" tasks=\"sst2,mrpc,cola,qnli,rte\" max-samples-by-task=\"\""
